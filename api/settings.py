@@ -1,0 +1,60 @@
+"""Settings from `LATHE_*` environment variables, read once (`get_settings()` is cached)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LATHE_", extra="ignore")
+
+    data_dir: Path = Field(Path(".lathe"), description="Database (embedded default), files, models, checkpoints.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
+    redis_url: str | None = Field(None, description="Broker URL; default: `lathe serve` starts an embedded Redis.")
+    models_dir: Path | None = Field(None, description="A folder of base models (HF folders) selectable by name.")
+    queue: str = Field("lathe", description="Celery queue the API publishes to and workers consume.")
+    max_upload_bytes: int = Field(8 * 1024**3, description="Largest accepted upload.")
+    max_archive_bytes: int = Field(32 * 1024**3, description="Largest total size of an extracted model archive.")
+    max_archive_members: int = Field(10_000, description="Most files in a model archive.")
+    allow_hub_models: bool = Field(True, description="Whether `model` may name a Hugging Face hub id.")
+    max_attempts: int = Field(3, ge=1, description="Tries per job before it fails with worker_lost.")
+    lease_seconds: int = Field(120, ge=5, description="How long a claim on a job lasts without a heartbeat.")
+    heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker renews its lease.")
+    cancel_grace_seconds: float = Field(30.0, ge=0, description="Time a training process gets to checkpoint on cancel.")
+    worker_concurrency: int = Field(1, ge=1, description="Jobs one worker runs at once.")
+    dev_key_file: Path | None = Field(None, description="Where `lathe serve` writes its dev key; default data_dir/dev-key.")
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_data_dir / 'lathe.db'}"
+
+    @property
+    def broker_url(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError("LATHE_REDIS_URL is not set (lathe serve sets it for the embedded Redis)")
+        return self.redis_url
+
+    @property
+    def files_dir(self) -> Path:
+        return self.resolved_data_dir / "files"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.resolved_data_dir / "jobs"
+
+    @property
+    def models_store(self) -> Path:
+        return self.resolved_data_dir / "models"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
