@@ -54,3 +54,79 @@ class RateLimited(LatheError):
     status_code = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+# --- rendering -----------------------------------------------------------------------------------
+# One place turns every failure into OpenAI's body. Imports of FastAPI stay here (not at the top) so
+# that the worker can import the error classes without pulling the web stack.
+
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+_STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 409: "invalid_state", 413: "file_too_large"}
+
+# Tags pydantic puts in an error's location for union members and validators; they are not fields.
+_LOC_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "bytes"}
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def dotted_param(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """`("body", "config", "optimizer", "learning_rate")` -> "config.optimizer.learning_rate"."""
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if isinstance(item, int):
+            parts.append(str(item))
+            continue
+        text = str(item)
+        if i == 0 and text in ("body", "query", "path", "header", "cookie"):
+            continue
+        if text in _LOC_TAGS or not text.replace("_", "a").replace("-", "a").isalnum() or "-" in text:
+            continue  # "constrained-int", "literal['auto']", "function-after[...]"
+        parts.append(text)
+    return ".".join(parts) or None
+
+
+def validation_message(error: dict[str, Any]) -> str:
+    param = dotted_param(error.get("loc", ()))
+    msg = str(error.get("msg", "invalid value"))
+    return f"{param}: {msg}" if param else msg
+
+
+def install_handlers(app: Any) -> None:
+    """Register the handlers that render every error as `{"error": {...}}`."""
+    import logging
+
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    log = logging.getLogger("lathe.api")
+
+    async def lathe_error(_request, exc: LatheError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    async def http_error(_request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        body = error_body(detail, type=_STATUS_TYPES.get(exc.status_code, "invalid_request_error"),
+                          code=_STATUS_CODES.get(exc.status_code))
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def request_validation_error(_request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        message = validation_message(first) if first else "malformed request"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        body = error_body(message, param=dotted_param(first.get("loc", ())), code="invalid_payload")
+        return JSONResponse(body, status_code=422)
+
+    async def server_error(_request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse(error_body("internal server error", type="server_error"), status_code=500)
+
+    app.add_exception_handler(LatheError, lathe_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, request_validation_error)
+    app.add_exception_handler(Exception, server_error)

@@ -15,7 +15,7 @@ class MetricsSink(Protocol):
         """A human-readable line in the job's event log."""
 
     def metrics(self, step: int, values: dict[str, float], *, split: str) -> None:
-        """Numbers at an optimizer step; split is "train", "valid" or "test"."""
+        """Numbers at an optimizer step; split is "train", "valid", "test" or "baseline_test" (before training)."""
 
     def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         """A complete, resumable checkpoint now lies at `path` (already fsynced and renamed)."""

@@ -132,7 +132,7 @@ class Metric(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     attempt: Mapped[int] = mapped_column(Integer)
     step: Mapped[int] = mapped_column(Integer)
-    split: Mapped[str] = mapped_column(String(8))  # train | valid | test
+    split: Mapped[str] = mapped_column(String(16))  # train | valid | test | baseline_test
     values: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     __table_args__ = (Index("ix_metrics_job_step", "job_id", "step"),)

@@ -1,0 +1,163 @@
+"""Files: datasets (`purpose=fine-tune`) and base models (`purpose=model`)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+from sqlalchemy import select, tuple_
+from starlette.concurrency import run_in_threadpool
+
+from api import archives
+from api.db.models import TERMINAL, File, FilePurpose, Job, new_id, now
+from api.db.queries import get_file
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.errors import BadRequest, Conflict, NotFound
+from api.schemas import Deleted, FileObject, ListPage, file_object
+from api.uploads import receive_upload
+from core.errors import DataError
+from core.formats import check_file, dataset_format
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+UPLOAD_PURPOSES = (FilePurpose.FINE_TUNE, FilePurpose.MODEL)
+MEDIA_TYPES = {"csv": "text/csv", "jsonl": "application/jsonl", "parquet": "application/vnd.apache.parquet"}
+
+
+def _check_dataset(path: Path, filename: str) -> tuple[Path, dict]:
+    """Validate a dataset upload and move it to data.<fmt>; a 400 names the line."""
+    try:
+        fmt = dataset_format(filename)
+        details = check_file(path, fmt, param="file")
+    except DataError as exc:
+        raise BadRequest(exc.message, param="file", code=exc.code) from None
+    final = path.with_name(f"data.{fmt}")
+    path.rename(final)
+    return final, {"format": fmt, **details}
+
+
+def _unpack_model(path: Path, filename: str, *, max_bytes: int, max_members: int) -> tuple[Path, dict]:
+    """Check a model archive from its index, then extract it to model/ and drop the archive."""
+    kind = archives.archive_kind(filename)
+    members, total = archives.inspect_archive(path, kind, max_bytes=max_bytes, max_members=max_members)
+    dest = path.parent / "model"
+    archives.extract_archive(path, kind, dest, members)
+    path.unlink()
+    files = sorted("/".join(m.parts) for m in members if not m.is_dir)
+    return dest, {"format": "hf-folder", "archive": kind, "extracted_bytes": total, "files": files[:100]}
+
+
+@router.post("", response_model=FileObject)
+async def create_file(request: Request, settings: SettingsDep, tenant: TenantDep, session: SessionDep) -> FileObject:
+    """Upload a file (multipart `file` + `purpose`): a dataset (fine-tune) or a model archive (model)."""
+    file_id = new_id("file")
+    folder = settings.files_dir / file_id
+    try:
+        upload = await receive_upload(request, dest=folder / "upload.part", max_bytes=settings.max_upload_bytes)
+        purpose = upload.fields.get("purpose", "").strip()
+        if not purpose:
+            raise BadRequest("Missing form field `purpose` (fine-tune or model).", param="purpose")
+        if purpose not in UPLOAD_PURPOSES:
+            raise BadRequest(f"Unsupported purpose {purpose!r}: use 'fine-tune' or 'model'.", param="purpose",
+                             code="invalid_purpose")
+        if upload.path is None or upload.filename is None:
+            raise BadRequest("Missing form field `file`.", param="file")
+        if upload.bytes == 0:
+            raise BadRequest("The uploaded file is empty.", param="file")
+        if purpose == FilePurpose.FINE_TUNE:
+            stored, details = await run_in_threadpool(_check_dataset, upload.path, upload.filename)
+        else:
+            stored, details = await run_in_threadpool(
+                _unpack_model, upload.path, upload.filename,
+                max_bytes=settings.max_archive_bytes, max_members=settings.max_archive_members)
+        row = File(id=file_id, tenant_id=tenant.id, purpose=purpose, filename=upload.filename, bytes=upload.bytes,
+                   sha256=upload.sha256, path=str(stored), status="processed", details=details, created_at=now())
+
+        def store() -> None:
+            session.add(row)
+            session.commit()
+
+        await run_in_threadpool(store)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return file_object(row)
+
+
+@router.get("", response_model=ListPage[FileObject])
+def list_files(
+    tenant: TenantDep, session: SessionDep,
+    purpose: str | None = None,
+    after: Annotated[str | None, Query(description="A file id: list the files older than it.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
+) -> ListPage[FileObject]:
+    """List the tenant's files, newest first."""
+    stmt = select(File).where(File.tenant_id == tenant.id)
+    if purpose:
+        stmt = stmt.where(File.purpose == purpose)
+    key = tuple_(File.created_at, File.id)
+    if after:
+        cursor = get_file(session, tenant_id=tenant.id, file_id=after)
+        if cursor is None:
+            raise NotFound(f"No file {after!r}.", param="after")
+        value = tuple_(cursor.created_at, cursor.id)
+        stmt = stmt.where(key < value if order == "desc" else key > value)
+    cols = (File.created_at.desc(), File.id.desc()) if order == "desc" else (File.created_at, File.id)
+    rows = list(session.scalars(stmt.order_by(*cols).limit(limit + 1)))
+    data = [file_object(f) for f in rows[:limit]]
+    return ListPage(data=data, has_more=len(rows) > limit, first_id=data[0].id if data else None,
+                    last_id=data[-1].id if data else None)
+
+
+def _owned(session, tenant_id: str, file_id: str) -> File:
+    row = get_file(session, tenant_id=tenant_id, file_id=file_id)
+    if row is None:
+        raise NotFound(f"No such file: {file_id!r}.", param="file_id")
+    return row
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def retrieve_file(file_id: str, tenant: TenantDep, session: SessionDep) -> FileObject:
+    """Get a file's metadata."""
+    return file_object(_owned(session, tenant.id, file_id))
+
+
+@router.delete("/{file_id}", response_model=Deleted)
+def delete_file(file_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> Deleted:
+    """Delete a file; refused (409) while an unfinished job uses it."""
+    row = _owned(session, tenant.id, file_id)
+    in_use = session.scalar(
+        select(Job.id).where(
+            Job.tenant_id == tenant.id,
+            Job.status.not_in([str(s) for s in TERMINAL]),
+            (Job.training_file == file_id) | (Job.validation_file == file_id)
+            | (Job.test_file == file_id) | (Job.model == file_id),
+        ).limit(1)
+    )
+    if in_use:
+        raise Conflict(f"File {file_id} is used by job {in_use}, which has not finished.", param="file_id")
+    session.delete(row)
+    session.commit()
+    folder = settings.files_dir / file_id
+    if folder.resolve().is_relative_to(settings.files_dir.resolve()):
+        shutil.rmtree(folder, ignore_errors=True)
+    return Deleted(id=file_id, object="file")
+
+
+@router.get("/{file_id}/content", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def file_content(file_id: str, tenant: TenantDep, session: SessionDep) -> FileResponse:
+    """Download a dataset file's bytes (model files are stored extracted and can't be downloaded)."""
+    row = _owned(session, tenant.id, file_id)
+    if row.purpose == FilePurpose.MODEL:
+        raise BadRequest("Model files are stored extracted; their archive is not kept.", param="file_id",
+                         code="content_unavailable")
+    path = Path(row.path)
+    if not path.is_file():
+        raise NotFound(f"The content of file {file_id} is gone.", param="file_id")
+    fmt = (row.details or {}).get("format", "")
+    return FileResponse(path, media_type=MEDIA_TYPES.get(fmt, "application/octet-stream"), filename=row.filename)

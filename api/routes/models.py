@@ -1,0 +1,114 @@
+"""The tenant's fine-tuned models: list, get, delete, download, quick predictions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.db.models import TERMINAL, Job, Model
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.errors import BadRequest, Conflict, LatheError, NotFound
+from api.schemas import Deleted, ListPage, ModelObject, PredictRequest, PredictResponse, model_object
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+log = logging.getLogger("lathe.api")
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout, so `python -m core.predict` resolves
+
+
+def _owned(session: Session, tenant_id: str, model: str) -> Model:
+    row = session.scalar(select(Model).where(Model.id == model, Model.tenant_id == tenant_id))
+    if row is None:
+        raise NotFound(f"The model {model!r} does not exist.", param="model", code="model_not_found")
+    return row
+
+
+@router.get("", response_model=ListPage[ModelObject])
+def list_models(tenant: TenantDep, session: SessionDep) -> ListPage[ModelObject]:
+    """List the tenant's fine-tuned models, newest first."""
+    rows = session.scalars(select(Model).where(Model.tenant_id == tenant.id)
+                           .order_by(Model.created_at.desc(), Model.id.desc()))
+    data = [model_object(m) for m in rows]
+    return ListPage(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
+
+
+# The {model:path} routes with a suffix come first: model ids contain ':' and may contain '/'.
+@router.get("/{model:path}/content", response_class=FileResponse,
+            responses={200: {"content": {"application/x-tar": {}}}})
+def model_content(model: str, tenant: TenantDep, session: SessionDep) -> FileResponse:
+    """Download the model as a .tar of its Hugging Face folder (weights, config, tokenizer, spec, report)."""
+    row = _owned(session, tenant.id, model)
+    path = Path(row.archive_path)
+    if not path.is_file():
+        raise NotFound(f"The archive of model {model!r} is missing.", param="model")
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in row.id) + ".tar"
+    return FileResponse(path, media_type="application/x-tar", filename=name)
+
+
+@router.post("/{model:path}/predict", response_model=PredictResponse)
+async def predict(model: str, body: PredictRequest, request: Request, tenant: TenantDep,
+                  session: SessionDep) -> PredictResponse:
+    """Run a small batch of inputs through the model (a quick check, not a serving endpoint)."""
+    row = await run_in_threadpool(_owned, session, tenant.id, model)
+    state = request.app.state
+    payload = json.dumps(body.model_dump()).encode()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = await asyncio.create_subprocess_exec(
+        *state.predict_command, row.path, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env, cwd=str(ROOT))
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(payload), timeout=state.predict_timeout_seconds)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise LatheError("Prediction timed out.", status_code=504, code="timeout") from None
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    try:
+        result = json.loads(out or b"{}")
+    except json.JSONDecodeError:
+        result = {}
+    if proc.returncode != 0 or "predictions" not in result:
+        error = result.get("error") if isinstance(result, dict) else None
+        if proc.returncode == 1 and isinstance(error, dict) and error.get("message"):
+            raise BadRequest(str(error["message"]), param=error.get("param"), code=error.get("code"))
+        log.error("predict failed (exit %s): %s", proc.returncode, err.decode(errors="replace")[-2000:])
+        raise RuntimeError("prediction process failed")
+    return PredictResponse(data=result["predictions"])
+
+
+@router.get("/{model:path}", response_model=ModelObject)
+def retrieve_model(model: str, tenant: TenantDep, session: SessionDep) -> ModelObject:
+    """Get a fine-tuned model."""
+    return model_object(_owned(session, tenant.id, model))
+
+
+@router.delete("/{model:path}", response_model=Deleted)
+def delete_model(model: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> Deleted:
+    """Delete a fine-tuned model and its files; refused (409) while an unfinished job trains from it."""
+    row = _owned(session, tenant.id, model)
+    in_use = session.scalar(select(Job.id).where(
+        Job.tenant_id == tenant.id, Job.model == model, Job.status.not_in([str(s) for s in TERMINAL])).limit(1))
+    if in_use:
+        raise Conflict(f"Model {model} is the base of job {in_use}, which has not finished.", param="model")
+    paths = [Path(row.path), Path(row.archive_path)]
+    session.delete(row)
+    session.commit()
+    data_dir = settings.resolved_data_dir
+    for p in paths:  # only what Lathe itself wrote
+        if p.exists() and p.resolve().is_relative_to(data_dir):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return Deleted(id=model, object="model")

@@ -1,0 +1,213 @@
+"""Request and response schemas: OpenAI's objects, plus Lathe's extensions, and the functions that
+render ORM rows into them."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.db.models import Checkpoint, Event, File, Job, Metric, Model
+from core.spec import Hyperparameters, Task, TrainingConfig
+
+T = TypeVar("T")
+
+
+class ListPage(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class Deleted(BaseModel):
+    id: str
+    object: str
+    deleted: bool = True
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+class FileObject(BaseModel):
+    """An uploaded file (OpenAI's file object)."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str = "processed"
+    status_details: str | None = None
+    details: dict[str, Any] | None = Field(None, description="Lathe: what the upload check found (format, rows, columns).")
+
+
+def file_object(f: File) -> FileObject:
+    return FileObject(id=f.id, bytes=f.bytes, created_at=f.created_at, filename=f.filename, purpose=f.purpose,
+                      status=f.status, details=f.details)
+
+
+# --- jobs ----------------------------------------------------------------------------------------
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    """OpenAI's `method`; Lathe trains `supervised` only."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised"] = Field(description="Only \"supervised\" is supported.")
+    supervised: SupervisedMethod | None = None
+
+
+class JobCreate(BaseModel):
+    """A fine-tuning job request: OpenAI's fields plus Lathe's `task`, `test_file` and `config`."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, max_length=512, description=(
+        "Base model: an uploaded purpose=model file id, a name from the server's models directory, "
+        "an earlier job's fine_tuned_model (continue training), or a Hugging Face hub id."))
+    training_file: str = Field(..., min_length=1, max_length=40, description="A purpose=fine-tune file id.")
+    validation_file: str | None = Field(None, max_length=40, description="A purpose=fine-tune file id.")
+    test_file: str | None = Field(None, max_length=40, description="Lathe: held-out file evaluated once at the end.")
+    hyperparameters: Hyperparameters | None = Field(None, description="Legacy OpenAI hyperparameters; prefer `method`.")
+    method: Method | None = None
+    suffix: str | None = Field(None, max_length=64, description="Added to the fine_tuned_model name.")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed; chosen at random when absent.")
+    metadata: dict[str, str] | None = Field(None, max_length=16, description="Up to 16 string pairs.")
+    integrations: list[dict[str, Any]] | None = Field(None, description="Accepted only empty.")
+    task: Task | None = Field(None, description="Lathe: what is trained; inferred from the data when absent.")
+    config: TrainingConfig | None = Field(None, description="Lathe: the training toolbox (see TrainingConfig).")
+
+
+class JobError(BaseModel):
+    code: str | None = None
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(BaseModel):
+    """OpenAI's fine-tuning job object plus `task`, `test_file`, `config`, `attempt` and `metrics`."""
+
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    model: str
+    created_at: int
+    finished_at: int | None
+    fine_tuned_model: str | None
+    organization_id: str
+    result_files: list[str]
+    status: str = Field(description="validating_files | queued | running | cancelling | paused | succeeded | failed | cancelled")
+    validation_file: str | None
+    training_file: str
+    hyperparameters: dict[str, Any]
+    trained_tokens: int | None
+    error: JobError | None
+    seed: int
+    estimated_finish: int | None
+    integrations: list[Any] = []
+    metadata: dict[str, str] | None
+    method: dict[str, Any]
+    user_provided_suffix: str | None
+    task: str | None
+    test_file: str | None
+    config: dict[str, Any]
+    attempt: int
+    metrics: dict[str, Any] | None = Field(description="Latest, best and test metrics.")
+
+
+def job_object(job: Job) -> FineTuningJob:
+    spec = job.spec or {}
+    hp = job.hyperparameters or spec.get("hyperparameters") or {}
+    return FineTuningJob(
+        id=job.id, model=job.model, created_at=job.created_at, finished_at=job.finished_at,
+        fine_tuned_model=job.fine_tuned_model, organization_id=job.tenant_id,
+        result_files=list(job.result_files or []), status=job.status, validation_file=job.validation_file,
+        training_file=job.training_file, hyperparameters=hp, trained_tokens=job.trained_tokens,
+        error=JobError(**job.error) if job.error else None, seed=job.seed, estimated_finish=job.estimated_finish,
+        metadata=job.job_metadata, method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        user_provided_suffix=spec.get("suffix"), task=job.task or spec.get("task"), test_file=job.test_file,
+        config=spec.get("config") or {}, attempt=job.attempt, metrics=job.metrics,
+    )
+
+
+class JobEvent(BaseModel):
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: int
+    level: str
+    message: str
+    data: dict[str, Any] | None
+    type: str
+
+
+def event_object(ev: Event) -> JobEvent:
+    return JobEvent(id=ev.id, created_at=ev.created_at, level=ev.level, message=ev.message, data=ev.data, type=ev.type)
+
+
+class JobCheckpoint(BaseModel):
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    step_number: int
+    metrics: dict[str, Any]
+    fine_tuning_job_id: str
+
+
+def checkpoint_object(ck: Checkpoint, job: Job) -> JobCheckpoint:
+    name = f"{job.fine_tuned_model or job.id}:ckpt-step-{ck.step}"
+    return JobCheckpoint(id=ck.id, created_at=ck.created_at, fine_tuned_model_checkpoint=name,
+                         step_number=ck.step, metrics={"step": ck.step, **(ck.metrics or {})}, fine_tuning_job_id=job.id)
+
+
+class MetricPoint(BaseModel):
+    step: int
+    split: str
+    values: dict[str, Any]
+    created_at: int
+    attempt: int
+
+
+def metric_point(m: Metric) -> MetricPoint:
+    return MetricPoint(step=m.step, split=m.split, values=m.values, created_at=m.created_at, attempt=m.attempt)
+
+
+class MetricSeries(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[MetricPoint]
+
+
+# --- models --------------------------------------------------------------------------------------
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    task: str | None = None
+    job_id: str | None = None
+    bytes: int | None = None
+
+
+def model_object(m: Model) -> ModelObject:
+    return ModelObject(id=m.id, created=m.created_at, owned_by=m.tenant_id, task=m.task, job_id=m.job_id, bytes=m.bytes)
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[str] = Field(..., min_length=1, max_length=64, description="Up to 64 texts.")
+    top_k: int = Field(1, ge=1, le=100, description="Labels returned per input, best first.")
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+
+
+class PredictResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[list[Prediction]]

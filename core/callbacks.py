@@ -1,0 +1,240 @@
+"""What is not the math of training: scheduling evaluations and checkpoints, early stopping,
+reporting, cancellation.
+
+As with transformers' TrainerCallback and Lightning's callbacks, a callback reads the TrainState,
+sets flags on the Control, and carries `state_dict()` so that a resumed run continues exactly.
+The engine acts on the flags; callbacks never touch the model or optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from core.sink import MetricsSink
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # completed epochs
+    batch_in_epoch: int = 0  # micro-batches of the current epoch done (the sampler position)
+    max_steps: int = 0
+    steps_per_epoch: int = 0
+    batches_per_epoch: int = 0
+    trained_tokens: int = 0  # non-padding tokens seen in training
+    samples_seen: int = 0
+    train_seconds: float = 0.0  # time in training steps only (not evaluation or checkpoints)
+    loss: float | None = None  # of the last optimizer step
+    grad_norm: float | None = None  # global norm before clipping, of the last step
+    lr: float | None = None  # used by the last step
+    latest_metrics: dict[str, float] | None = None
+    last_eval_step: int | None = None
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_metrics: dict[str, float] | None = None
+    best_checkpoint: str | None = None  # folder name under checkpoints/
+    baseline_test: dict[str, Any] | None = None
+    stopped_early: bool = False
+    cancelled: bool = False
+
+    @property
+    def fractional_epoch(self) -> float:
+        return self.epoch + self.batch_in_epoch / max(1, self.batches_per_epoch)
+
+    def record_evaluation(self, metrics: dict[str, float], *, metric: str, greater_is_better: bool) -> bool:
+        """Remember an evaluation; returns whether it is the best so far by `metric`."""
+        self.latest_metrics = dict(metrics)
+        self.last_eval_step = self.step
+        value = metrics[metric]
+        if self.best_metric is None or (value > self.best_metric if greater_is_better else value < self.best_metric):
+            self.best_metric, self.best_step, self.best_metrics = value, self.step, dict(metrics)
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class Control:
+    """Flags callbacks set for the engine after a step; reset before each step's callbacks."""
+
+    should_evaluate: bool = False
+    should_save: bool = False
+    should_stop: bool = False
+
+    def reset(self) -> None:
+        self.should_evaluate = self.should_save = self.should_stop = False
+
+
+class Callback:
+    """Base class: every hook is a no-op; state_dict() is empty."""
+
+    def on_train_begin(self, state: TrainState, control: Control) -> None: ...
+
+    def on_step_end(self, state: TrainState, control: Control) -> None: ...
+
+    def on_evaluate(self, state: TrainState, control: Control, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, state: TrainState, control: Control) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class EvaluationSchedule(Callback):
+    """Evaluate every N optimizer steps, or at each epoch's end when N is None, and at the last step."""
+
+    def __init__(self, every_steps: int | None):
+        self.every_steps = every_steps
+
+    def on_step_end(self, state: TrainState, control: Control) -> None:
+        every = self.every_steps or state.steps_per_epoch
+        if state.step % every == 0 or state.step == state.max_steps:
+            control.should_evaluate = True
+
+
+class CheckpointSchedule(Callback):
+    """Save every N steps, or after each evaluation when N is None; and whenever a new best
+    evaluation must be kept for load_best_model_at_end."""
+
+    def __init__(self, every_steps: int | None, *, keep_best: bool):
+        self.every_steps = every_steps
+        self.keep_best = keep_best
+
+    def on_step_end(self, state: TrainState, control: Control) -> None:
+        if self.every_steps and state.step % self.every_steps == 0:
+            control.should_save = True
+
+    def on_evaluate(self, state: TrainState, control: Control, metrics: dict[str, float]) -> None:
+        if self.every_steps is None or (self.keep_best and state.best_step == state.step):
+            control.should_save = True
+
+
+class EarlyStopping(Callback):
+    """Stop after `patience` evaluations without an improvement larger than `min_delta`."""
+
+    def __init__(self, metric: str, *, greater_is_better: bool, patience: int, min_delta: float = 0.0):
+        self.metric = metric
+        self.greater_is_better = greater_is_better
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best: float | None = None
+        self.wait = 0
+
+    def on_evaluate(self, state: TrainState, control: Control, metrics: dict[str, float]) -> None:
+        value = metrics[self.metric]
+        gain = None if self.best is None else (value - self.best if self.greater_is_better else self.best - value)
+        if gain is None or gain > self.min_delta:
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            state.stopped_early = True
+            control.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.wait = state["best"], state["wait"]
+
+
+@dataclass
+class _Window:
+    loss_sum: float = 0.0
+    grad_norm_sum: float = 0.0
+    steps: int = 0
+
+
+class ProgressReporter(Callback):
+    """Train loss/lr/grad norm/samples per second every `every_steps`, validation metrics at each
+    evaluation, and a log line for each, to the sink."""
+
+    def __init__(self, sink: MetricsSink, *, every_steps: int):
+        self.sink = sink
+        self.every_steps = max(1, every_steps)
+        self.window = _Window()
+        self._samples_mark = 0
+        self._seconds_mark = 0.0
+
+    def on_train_begin(self, state: TrainState, control: Control) -> None:
+        self._samples_mark, self._seconds_mark = state.samples_seen, state.train_seconds
+        verb = "Resuming" if state.step else "Starting"
+        self.sink.event(f"{verb} training at step {state.step}/{state.max_steps}.")
+
+    def on_step_end(self, state: TrainState, control: Control) -> None:
+        w = self.window
+        w.loss_sum += state.loss or 0.0
+        w.grad_norm_sum += state.grad_norm or 0.0
+        w.steps += 1
+        if state.step % self.every_steps and state.step != state.max_steps:
+            return
+        seconds = state.train_seconds - self._seconds_mark
+        samples = state.samples_seen - self._samples_mark
+        values = {
+            "loss": w.loss_sum / w.steps,
+            "learning_rate": state.lr or 0.0,
+            "grad_norm": w.grad_norm_sum / w.steps,
+            "samples_per_second": samples / seconds if seconds > 0 else 0.0,
+            "epoch": state.fractional_epoch,
+        }
+        self.sink.metrics(state.step, values, split="train")
+        self.sink.event(
+            f"Step {state.step}/{state.max_steps}: training loss={values['loss']:.4f}, "
+            f"lr={values['learning_rate']:.3g}, {values['samples_per_second']:.1f} samples/s",
+            data={"step": state.step, **values},
+        )
+        self.window = _Window()
+        self._samples_mark, self._seconds_mark = state.samples_seen, state.train_seconds
+
+    def on_evaluate(self, state: TrainState, control: Control, metrics: dict[str, float]) -> None:
+        self.sink.metrics(state.step, metrics, split="valid")
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        self.sink.event(f"Step {state.step}/{state.max_steps}: validation {shown}", data={"step": state.step, **metrics})
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.window)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.window = _Window(**state)
+
+
+class StopRequest(Callback):
+    """Polls `should_stop()` after each step; on a request, saves a checkpoint and stops.
+
+    The poll runs once per optimizer step, so `should_stop` should be cheap (read a flag that
+    another thread keeps fresh rather than query a database).
+    """
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def on_step_end(self, state: TrainState, control: Control) -> None:
+        if self.should_stop():
+            state.cancelled = True
+            control.should_save = True
+            control.should_stop = True
+
+
+__all__ = [
+    "Callback",
+    "CheckpointSchedule",
+    "Control",
+    "EarlyStopping",
+    "EvaluationSchedule",
+    "ProgressReporter",
+    "StopRequest",
+    "TrainState",
+]

@@ -1,0 +1,166 @@
+"""Resumable checkpoints: written whole or not at all, then announced.
+
+A checkpoint folder holds the model weights (safetensors), optimizer/scheduler/scaler states, the
+RNG states of python, numpy and torch, and trainer_state.json (TrainState, which includes the
+sampler position, plus each callback's state). It is written to a temporary folder, fsynced and
+renamed, so a crash never leaves a half checkpoint under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from core.callbacks import Callback, TrainState
+from core.errors import EngineError
+
+MODEL_FILE = "model.safetensors"
+TRAINING_FILE = "training_state.pt"  # optimizer, scheduler, scaler, RNG
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def save_checkpoint(
+    root: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+    state: TrainState,
+    callbacks: list[Callback],
+    extra: dict[str, Any],
+) -> Path:
+    """Write a checkpoint for state.step under `root` atomically and return its folder.
+
+    Args:
+        extra: JSON-able facts a resume must match (labels, batch size, ...), kept in trainer_state.json.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(state.step)
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / MODEL_FILE))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": _rng_state(),
+        },
+        tmp / TRAINING_FILE,
+    )
+    trainer_state = {
+        "state": state.state_dict(),
+        "callbacks": {type(cb).__name__: cb.state_dict() for cb in callbacks},
+        "extra": extra,
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+    for file in tmp.iterdir():
+        _fsync(file)
+    _fsync(tmp)
+    if final.exists():  # a rerun of the same step after a crash: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)
+    return final
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+    state: TrainState,
+    callbacks: list[Callback],
+    extra: dict[str, Any],
+) -> None:
+    """Restore everything `save_checkpoint` wrote, in place.
+
+    Raises:
+        EngineError: code "invalid_checkpoint" (param resume_from) for a missing or incomplete folder,
+            or one written for a different job (labels, batch size, ... differ from `extra`).
+    """
+    missing = [f for f in (MODEL_FILE, TRAINING_FILE, STATE_FILE) if not (path / f).is_file()]
+    if missing:
+        raise EngineError(
+            f"Checkpoint {path} is incomplete (missing {', '.join(missing)}).",
+            param="resume_from",
+            code="invalid_checkpoint",
+        )
+    saved = json.loads((path / STATE_FILE).read_text())
+    for key, value in extra.items():
+        if saved["extra"].get(key) != value:
+            raise EngineError(
+                f"Checkpoint {path} was written for a different job ({key}: {saved['extra'].get(key)!r} != {value!r}).",
+                param="resume_from",
+                code="invalid_checkpoint",
+            )
+    load_model_weights(path, model)
+    # Our own file, but still never unpickle arbitrary objects.
+    training = torch.load(path / TRAINING_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(training["optimizer"])
+    scheduler.load_state_dict(training["scheduler"])
+    if scaler is not None and training["scaler"] is not None:
+        scaler.load_state_dict(training["scaler"])
+    state.load_state_dict(saved["state"])
+    for cb in callbacks:
+        if type(cb).__name__ in saved["callbacks"]:
+            cb.load_state_dict(saved["callbacks"][type(cb).__name__])
+    _set_rng_state(training["rng"])
+
+
+def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load a checkpoint's weights into `model` (same architecture)."""
+    load_model(model, str(path / MODEL_FILE), device=str(next(model.parameters()).device))
+
+
+def rotate_checkpoints(root: Path, *, keep_last: int, keep: set[str]) -> None:
+    """Delete all checkpoints but the newest `keep_last` and those named in `keep` (the best)."""
+    folders = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for folder in folders[:-keep_last] if keep_last else folders:
+        if folder.name not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,321 @@
+"""Dataset files: recognising, checking and reading them, without torch.
+
+The API process imports this module to check an upload, so it must never import torch or
+transformers (a test guards it). Line numbers in messages are 1-based, counted the way a user sees
+the file in an editor: a CSV header is line 1, and a record spanning several lines (a quoted
+newline) is reported at the line where it starts. Parquet has no lines, so it reports rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import DataError
+from core.spec import Task
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+# csv's default cap (128 KiB) is too small for long documents in one cell.
+csv.field_size_limit(64 * 1024 * 1024)
+
+
+@dataclass
+class DatasetInfo:
+    """What a full pass over a dataset found."""
+
+    format: str
+    rows: int
+    labels: list[str]
+    label_counts: dict[str, int] = field(default_factory=dict)
+    task: Task = Task.TEXT_CLASSIFICATION
+
+
+def dataset_format(filename: str) -> str:
+    """The format of a dataset file from its name's extension.
+
+    Args:
+        filename: the file's name as uploaded (only the extension matters).
+
+    Returns:
+        "csv", "jsonl" or "parquet".
+
+    Raises:
+        DataError: code "invalid_file_format" for any other extension.
+    """
+    suffix = Path(filename).suffix.lower()
+    if suffix not in FORMATS:
+        raise DataError(
+            f"Unsupported file type {suffix or '(none)'!r} for {filename!r}: "
+            "use .csv, .jsonl (JSON Lines) or .parquet.",
+            param="file",
+            code="invalid_file_format",
+        )
+    return FORMATS[suffix]
+
+
+def check_file(path: Path, fmt: str, *, param: str = "file") -> dict[str, Any]:
+    """A cheap structural check of an uploaded file, streaming it once.
+
+    Args:
+        path: the file on disk.
+        fmt: "csv", "jsonl" or "parquet" (see `dataset_format`).
+        param: the request field to blame in errors.
+
+    Returns:
+        {"format", "rows", "columns"}; columns in file order (JSONL: union of keys, first seen first).
+
+    Raises:
+        DataError: invalid UTF-8, a CSV without header or with a ragged record, a JSONL line that is
+            not a JSON object, an unreadable parquet file, or no rows at all. Messages name the line.
+    """
+    rows = 0
+    columns: dict[str, None] = {}
+    for _, record in _records(path, fmt, param=param):
+        rows += 1
+        for key in record:
+            columns.setdefault(key, None)
+    if fmt in ("csv", "parquet"):
+        columns = dict.fromkeys(_header(path, fmt, param=param))
+    if rows == 0:
+        raise DataError(f"{path.name} has no data rows.", param=param)
+    return {"format": fmt, "rows": rows, "columns": list(columns)}
+
+
+def inspect_dataset(path: Path, *, param: str, text_column: str, label_column: str) -> DatasetInfo:
+    """Validate a whole dataset for text classification and count its labels.
+
+    Args:
+        path: the dataset file; its format comes from the extension.
+        param: the request field to blame in errors ("training_file", "validation_file", ...).
+        text_column: the column (JSONL key) holding the text.
+        label_column: the column holding the label.
+
+    Returns:
+        A DatasetInfo; labels sorted numerically when they are all integers, else as strings.
+
+    Raises:
+        DataError: a missing column, an empty text or a missing label (naming the line), or any
+            structural problem `check_file` reports.
+    """
+    fmt = dataset_format(path.name)
+    counts: Counter[str] = Counter()
+    rows = 0
+    for _, label in _examples(path, fmt, param=param, text_column=text_column, label_column=label_column):
+        counts[label] += 1
+        rows += 1
+    if rows == 0:
+        raise DataError(f"{path.name} has no data rows.", param=param)
+    labels = sort_labels(counts)
+    return DatasetInfo(format=fmt, rows=rows, labels=labels, label_counts={k: counts[k] for k in labels})
+
+
+def read_examples(path: Path, *, text_column: str, label_column: str, param: str = "file") -> tuple[list[str], list[str]]:
+    """All (text, label) pairs of a dataset, validated as in `inspect_dataset`.
+
+    Returns:
+        (texts, labels), labels as strings ("1", "spam").
+
+    Raises:
+        DataError: as `inspect_dataset`.
+    """
+    texts: list[str] = []
+    labels: list[str] = []
+    fmt = dataset_format(path.name)
+    for text, label in _examples(path, fmt, param=param, text_column=text_column, label_column=label_column):
+        texts.append(text)
+        labels.append(label)
+    return texts, labels
+
+
+def check_labels(train: DatasetInfo, other: DatasetInfo, *, param: str) -> None:
+    """Every label of a validation/test set must be one the model is trained on.
+
+    Raises:
+        DataError: code "unknown_label", naming (up to 10 of) the unknown labels.
+    """
+    unknown = sorted(set(other.labels) - set(train.labels))
+    if unknown:
+        shown = ", ".join(repr(x) for x in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        raise DataError(
+            f"{len(unknown)} label(s) not in the training file: {shown}. "
+            f"Training labels: {', '.join(repr(x) for x in train.labels[:20])}.",
+            param=param,
+            code="unknown_label",
+        )
+
+
+def sort_labels(labels: Counter[str] | set[str] | list[str]) -> list[str]:
+    """Labels in a stable order: numerically when all are integers ("2" < "10"), else as strings."""
+    unique = set(labels)
+    try:
+        return sorted(unique, key=int)
+    except ValueError:
+        return sorted(unique)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _examples(path: Path, fmt: str, *, param: str, text_column: str, label_column: str) -> Iterator[tuple[str, str]]:
+    if fmt in ("csv", "parquet"):
+        header = _header(path, fmt, param=param)
+        for column in (text_column, label_column):
+            if column not in header:
+                raise DataError(
+                    f"{path.name} has no column {column!r} (columns: {', '.join(header)}).", param=param
+                )
+    unit = "row" if fmt == "parquet" else "line"
+    for line, record in _records(path, fmt, param=param):
+        where = f"{unit} {line}"
+        if text_column not in record:
+            raise DataError(f"{where}: no {text_column!r} field (keys: {', '.join(record)}).", param=param)
+        if label_column not in record:
+            raise DataError(f"{where}: no {label_column!r} field (keys: {', '.join(record)}).", param=param)
+        text = record[text_column]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: {text_column!r} must be a string, not {_kind(text)}.", param=param)
+        if not text.strip():
+            raise DataError(f"{where}: {text_column!r} is empty.", param=param)
+        yield text, _label(record[label_column], where=where, column=label_column, param=param)
+
+
+def _label(value: Any, *, where: str, column: str, param: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise DataError(f"{where}: {column!r} is missing.", param=param)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: {column!r} is missing.", param=param)
+        return value.strip()
+    raise DataError(
+        f"{where}: {column!r} must be a single label (string or number), not {_kind(value)}.", param=param
+    )
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _records(path: Path, fmt: str, *, param: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line or row number, record) for every record of the file."""
+    if fmt == "csv":
+        yield from _csv_records(path, param=param)
+    elif fmt == "jsonl":
+        yield from _jsonl_records(path, param=param)
+    elif fmt == "parquet":
+        yield from _parquet_records(path, param=param)
+    else:
+        raise DataError(f"Unknown dataset format {fmt!r}.", param=param, code="invalid_file_format")
+
+
+def _lines(path: Path, *, param: str) -> Iterator[str]:
+    """Decoded lines (newlines kept), failing on the first line that is not UTF-8."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"line {number}: not valid UTF-8 (byte {e.start + 1} of the line); save the file as UTF-8.",
+                    param=param,
+                ) from None
+
+
+def _csv_reader(path: Path, *, param: str) -> Iterator[tuple[int, list[str]]]:
+    """(starting line, fields) of each non-blank CSV record."""
+    reader = csv.reader(_lines(path, param=param), strict=True)
+    start = 1
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"line {start}: malformed CSV ({e}).", param=param) from None
+        if fields:  # csv yields [] for a blank line
+            yield start, fields
+        start = reader.line_num + 1
+
+
+def _csv_records(path: Path, *, param: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    records = _csv_reader(path, param=param)
+    header = _csv_header(path, records, param=param)
+    for line, fields in records:
+        if len(fields) != len(header):
+            raise DataError(
+                f"line {line}: expected {len(header)} fields like the header, found {len(fields)}.", param=param
+            )
+        yield line, dict(zip(header, fields))
+
+
+def _csv_header(path: Path, records: Iterator[tuple[int, list[str]]], *, param: str) -> list[str]:
+    first = next(records, None)
+    if first is None:
+        raise DataError(f"{path.name} is empty.", param=param)
+    line, header = first
+    names = [h.strip() for h in header]
+    if any(not h for h in names):
+        raise DataError(f"line {line}: the CSV header has an empty column name.", param=param)
+    duplicates = sorted({h for h in names if names.count(h) > 1})
+    if duplicates:
+        raise DataError(f"line {line}: duplicate column(s) in the CSV header: {', '.join(duplicates)}.", param=param)
+    return names
+
+
+def _header(path: Path, fmt: str, *, param: str) -> list[str]:
+    if fmt == "csv":
+        return _csv_header(path, _csv_reader(path, param=param), param=param)
+    return list(_parquet_file(path, param=param).schema_arrow.names)
+
+
+def _jsonl_records(path: Path, *, param: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, line in enumerate(_lines(path, param=param), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"line {number}: not valid JSON ({e.msg} at column {e.colno}).", param=param) from None
+        if not isinstance(record, dict):
+            raise DataError(
+                f"line {number}: expected a JSON object per line (JSON Lines), found {_kind(record)}.", param=param
+            )
+        yield number, record
+
+
+def _parquet_file(path: Path, *, param: str):
+    import pyarrow.parquet as pq  # pyarrow is heavy; only parquet uploads pay for it
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path.name} is not a readable parquet file ({e}).", param=param) from None
+
+
+def _parquet_records(path: Path, *, param: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    file = _parquet_file(path, param=param)
+    row = 0
+    try:
+        for batch in file.iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"row {row + 1}: unreadable parquet data ({e}).", param=param) from None

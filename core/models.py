@@ -1,0 +1,132 @@
+"""Loading a base model and its tokenizer, safely.
+
+Only safetensors weights are accepted and no remote code runs: a user's model folder is data,
+never something we unpickle or execute.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from core.errors import ModelError
+
+# owner/name or name, as the Hugging Face hub spells repository ids.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def check_model_source(model: str) -> Path | str:
+    """Where a base model comes from: an existing local folder, or a hub id.
+
+    Raises:
+        ModelError: "model_not_found" for a path that does not exist or is not a folder;
+            "invalid_model" for a local folder without *.safetensors weights.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not any(path.glob("*.safetensors")):
+            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+            found = f" (found {', '.join(pickles[:3])})" if pickles else ""
+            raise ModelError(
+                f"The model folder {model!r} has no *.safetensors weights{found}. Safetensors weights "
+                "are required; pickle weights (.bin/.pt) are refused because loading them can run code.",
+                param="model",
+                code="invalid_model",
+            )
+        if not (path / "config.json").is_file():
+            raise ModelError(f"The model folder {model!r} has no config.json.", param="model", code="invalid_model")
+        return path
+    if path.exists() or model.startswith(("/", ".", "~")) or not _HUB_ID.match(model):
+        raise ModelError(f"Model {model!r} not found.", param="model", code="model_not_found")
+    return model
+
+
+def load_tokenizer(model: str):
+    """The model's own fast tokenizer.
+
+    Raises:
+        ModelError: model_not_found / invalid_model (no fast tokenizer, unreadable files).
+    """
+    from transformers import AutoTokenizer
+
+    source = check_model_source(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), use_fast=True, trust_remote_code=False)
+    except OSError as e:
+        raise _load_error(model, e) from None
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"Cannot load the tokenizer of {model!r}: {e}", param="model", code="invalid_model") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"{model!r} has no fast tokenizer (tokenizer.json).", param="model", code="invalid_model")
+    if tokenizer.pad_token is None:
+        # Encoders nearly always have one; fall back the way most fine-tuning scripts do.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_classifier(model: str, *, labels: list[str], pad_token_id: int | None = None):
+    """AutoModelForSequenceClassification with a head for `labels` (fp32 weights).
+
+    A base that is already a classifier with a different label count gets a fresh head
+    (ignore_mismatched_sizes); the head's initialisation follows torch's global seed.
+
+    Args:
+        model: a local HF folder or a hub id.
+        labels: class names in id order.
+        pad_token_id: written to the config when the model has none (needed to pool padded batches).
+
+    Raises:
+        ModelError: model_not_found, or invalid_model for an unsupported or broken model.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    source = check_model_source(model)
+    try:
+        classifier = AutoModelForSequenceClassification.from_pretrained(
+            str(source),
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            problem_type="single_label_classification",
+            use_safetensors=True,
+            trust_remote_code=False,
+            ignore_mismatched_sizes=True,
+            dtype=torch.float32,
+        )
+    except OSError as e:
+        raise _load_error(model, e) from None
+    except (ValueError, KeyError) as e:
+        raise ModelError(
+            f"{model!r} cannot be loaded as a sequence classifier: {e}", param="model", code="invalid_model"
+        ) from None
+    if classifier.config.pad_token_id is None and pad_token_id is not None:
+        classifier.config.pad_token_id = pad_token_id
+    return classifier
+
+
+def _load_error(model: str, error: OSError) -> ModelError:
+    if isinstance(model, str) and Path(model).expanduser().is_dir():
+        return ModelError(f"Cannot load {model!r}: {error}", param="model", code="invalid_model")
+    return ModelError(f"Model {model!r} not found or not reachable: {error}", param="model", code="model_not_found")
+
+
+def load_classifier_for_inference(model_dir: Path):
+    """(tokenizer, model in eval mode) of an exported classifier folder, labels from its config.
+
+    Raises:
+        ModelError: as `check_model_source`, or an unloadable folder.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if not Path(model_dir).is_dir():
+        raise ModelError(f"Model folder {str(model_dir)!r} not found.", param="model", code="model_not_found")
+    check_model_source(str(model_dir))
+    tokenizer = load_tokenizer(str(model_dir))
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"Cannot load {str(model_dir)!r}: {e}", param="model", code="invalid_model") from None
+    return tokenizer, model.eval()

@@ -1,0 +1,130 @@
+"""Fixtures for the API tests: every test runs against SQLite (a tmp file) and PostgreSQL (a
+database made for this session), a real Redis (db 14, a queue name unique to the test), and the
+app through Starlette's TestClient, which the openai SDK also accepts as its http_client."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from openai import OpenAI
+from sqlalchemy import create_engine, text
+
+from api.auth import create_key
+from api.db.models import Base
+from api.db.session import engine_for, session_scope
+from api.main import create_app
+from api.settings import Settings
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    name = f"lathe_api_test_{secrets.token_hex(4)}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001
+        admin.dispose()
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    Base.metadata.create_all(engine_for(url))
+    yield url
+    engine_for(url).dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'lathe.db'}"
+        Base.metadata.create_all(engine_for(url))
+        yield url
+        engine_for(url).dispose()
+        return
+    url = request.getfixturevalue("pg_url")
+    with engine_for(url).begin() as conn:
+        names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    yield url
+
+
+@pytest.fixture
+def redis_client() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(db_url: str, tmp_path: Path, redis_client: redis.Redis) -> Iterator[Settings]:
+    queue = f"lathe-api-test-{secrets.token_hex(4)}"
+    s = Settings(data_dir=tmp_path / "data", database_url=db_url, redis_url=REDIS_URL, queue=queue,
+                 models_dir=tmp_path / "models")
+    yield s
+    keys = list(redis_client.scan_iter(f"*{queue}*"))  # the queue list and kombu's binding sets
+    if keys:
+        redis_client.delete(*keys)
+
+
+@pytest.fixture
+def app(settings: Settings):
+    application = create_app(settings)
+    application.state.sse_poll_seconds = 0.05
+    return application
+
+
+@pytest.fixture
+def client(app) -> Iterator[TestClient]:
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture
+def keys(settings: Settings) -> dict[str, str]:
+    with session_scope(settings.sqlalchemy_url) as session:
+        return {name: create_key(session, tenant_name=name) for name in ("acme", "other")}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def acme(keys) -> dict[str, str]:
+    return bearer(keys["acme"])
+
+
+@pytest.fixture
+def other(keys) -> dict[str, str]:
+    return bearer(keys["other"])
+
+
+@pytest.fixture
+def sdk(client: TestClient, keys) -> OpenAI:
+    return OpenAI(base_url="http://testserver/v1", api_key=keys["acme"], http_client=client, max_retries=0)
+
+
+CSV = "text,label\ngreat movie,pos\nawful film,neg\nloved it,pos\nhated it,neg\n"
+
+
+def upload(client: TestClient, headers: dict, *, name: str = "train.csv", content: bytes | str = CSV,
+           purpose: str = "fine-tune"):
+    data = content.encode() if isinstance(content, str) else content
+    return client.post("/v1/files", headers=headers, files={"file": (name, data)}, data={"purpose": purpose})
+
+
+@pytest.fixture
+def train_file(client, acme) -> str:
+    r = upload(client, acme)
+    assert r.status_code == 200, r.text
+    return r.json()["id"]

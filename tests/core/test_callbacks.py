@@ -1,0 +1,73 @@
+"""Callbacks driven by scripted states and metrics (no model)."""
+
+from core.callbacks import CheckpointSchedule, Control, EarlyStopping, EvaluationSchedule, StopRequest, TrainState
+
+
+def evaluate_all(callback, values, metric="loss"):
+    state, control = TrainState(), Control()
+    for step, value in enumerate(values, start=1):
+        state.step = step
+        control.reset()
+        callback.on_evaluate(state, control, {metric: value})
+        if control.should_stop:
+            return step, state
+    return None, state
+
+
+def test_early_stopping_on_loss_with_patience():
+    stop_at, state = evaluate_all(EarlyStopping("loss", greater_is_better=False, patience=2), [1.0, 0.8, 0.81, 0.79, 0.9, 0.95, 0.5])
+    assert stop_at == 6 and state.stopped_early
+
+
+def test_early_stopping_min_delta_ignores_tiny_gains():
+    cb = EarlyStopping("accuracy", greater_is_better=True, patience=3, min_delta=0.01)
+    stop_at, _ = evaluate_all(cb, [0.5, 0.505, 0.509, 0.508, 0.8], metric="accuracy")
+    assert stop_at == 4
+
+
+def test_early_stopping_state_round_trips():
+    cb = EarlyStopping("f1_macro", greater_is_better=True, patience=2)
+    evaluate_all(cb, [0.5, 0.4], metric="f1_macro")
+    resumed = EarlyStopping("f1_macro", greater_is_better=True, patience=2)
+    resumed.load_state_dict(cb.state_dict())
+    control = Control()
+    resumed.on_evaluate(TrainState(step=3), control, {"f1_macro": 0.45})
+    assert control.should_stop
+
+
+def test_best_tracking():
+    state = TrainState()
+    assert state.record_evaluation({"loss": 1.0}, metric="loss", greater_is_better=False)
+    state.step = 2
+    assert not state.record_evaluation({"loss": 1.2}, metric="loss", greater_is_better=False)
+    assert (state.best_step, state.best_metric, state.latest_metrics) == (0, 1.0, {"loss": 1.2})
+
+
+def test_evaluation_schedule_per_epoch_and_last_step():
+    cb, steps = EvaluationSchedule(None), []
+    state = TrainState(max_steps=10, steps_per_epoch=4)
+    for step in range(1, 11):
+        state.step, control = step, Control()
+        cb.on_step_end(state, control)
+        if control.should_evaluate:
+            steps.append(step)
+    assert steps == [4, 8, 10]
+
+
+def test_checkpoint_schedule_saves_every_n_and_new_bests():
+    cb = CheckpointSchedule(5, keep_best=True)
+    state, control = TrainState(step=5), Control()
+    cb.on_step_end(state, control)
+    assert control.should_save
+    state.step, state.best_step, control = 7, 7, Control()
+    cb.on_evaluate(state, control, {"loss": 1.0})
+    assert control.should_save
+    state.step, control = 8, Control()
+    cb.on_evaluate(state, control, {"loss": 2.0})
+    assert not control.should_save
+
+
+def test_stop_request_saves_and_stops():
+    state, control = TrainState(), Control()
+    StopRequest(lambda: True).on_step_end(state, control)
+    assert control.should_stop and control.should_save and state.cancelled

@@ -1,0 +1,217 @@
+"""The whole service, as users run it: a real uvicorn server and a real `celery worker` process on
+Redis (db 13, a queue of its own), driven by the official `openai` SDK."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.tiny_models import save_tiny_bert, sentiment_rows, write_text_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_URL = "redis://127.0.0.1:6379/13"
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else "(no log)"
+
+
+class Service:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.data_dir = tmp / "data"
+        self.queue = f"lathe-e2e-{uuid.uuid4().hex[:10]}"
+        self.port = _free_port()
+        self.env = dict(os.environ, LATHE_DATA_DIR=str(self.data_dir), LATHE_REDIS_URL=REDIS_URL,
+                        LATHE_QUEUE=self.queue, LATHE_HEARTBEAT_SECONDS="1", LATHE_ALLOW_HUB_MODELS="false",
+                        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+        for key in ("LATHE_DATABASE_URL", "LATHE_MODELS_DIR"):
+            self.env.pop(key, None)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+
+    def prepare(self) -> str:
+        """Schema (migrations when the lead's exist, else create_all) and an API key, in the tmp DB."""
+        from api.auth import create_key
+        from api.db.models import Base
+        from api.db.session import engine_for, session_scope
+
+        url = f"sqlite:///{self.data_dir / 'lathe.db'}"
+        self.data_dir.mkdir(parents=True)
+        if any((ROOT / "migrations" / "versions").glob("*.py")):
+            from api.db.migrate import upgrade
+
+            upgrade(url)
+        else:
+            Base.metadata.create_all(engine_for(url))
+        with session_scope(url) as session:
+            key = create_key(session, tenant_name="e2e")
+        engine_for(url).dispose()
+        return key
+
+    def start(self, name: str, argv: list[str]) -> None:
+        self.logs[name] = self.tmp / f"{name}.log"
+        with open(self.logs[name], "wb") as out:
+            self.procs[name] = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited ({proc.returncode}):\n{_tail(self.logs[name])}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200 \
+                        and "ready" in self.logs["worker"].read_text(errors="replace"):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("service not ready:\n" + "\n".join(f"--- {n}\n{_tail(p)}" for n, p in self.logs.items()))
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+        for proc in self.procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+        # Training children run in sessions of their own: make sure none outlives the test.
+        for pid_file in (self.data_dir / "jobs").glob("*/attempt-*.pid"):
+            try:
+                os.killpg(int(pid_file.read_text()), 9)
+            except (ProcessLookupError, ValueError, PermissionError):
+                pass
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"*{self.queue}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+    def dump_logs(self) -> str:
+        return "\n".join(f"--- {n}\n{_tail(p)}" for n, p in self.logs.items())
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory) -> Iterator[tuple[Service, str]]:
+    svc = Service(tmp_path_factory.mktemp("e2e"))
+    key = svc.prepare()
+    svc.start("api", [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app",
+                      "--host", "127.0.0.1", "--port", str(svc.port)])
+    svc.start("worker", [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", svc.queue,
+                         "--concurrency", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle"])
+    try:
+        svc.wait_ready()
+        yield svc, key
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    from openai import OpenAI
+
+    svc, key = service
+    return OpenAI(base_url=f"http://127.0.0.1:{svc.port}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def uploads(client, tmp_path_factory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("uploads")
+    folder = save_tiny_bert(tmp / "tiny-bert")
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+    ids = {"model": client.files.create(file=("tiny-bert.tar", archive.getvalue()), purpose="model").id}
+    for name, rows in (("train", sentiment_rows(64)), ("valid", sentiment_rows(16, seed=1)),
+                       ("test", sentiment_rows(16, seed=2))):
+        path = write_text_dataset(tmp / f"{name}.csv", rows)
+        with open(path, "rb") as f:
+            ids[name] = client.files.create(file=f, purpose="fine-tune").id
+    return ids
+
+
+def wait_done(client, service, job_id: str, timeout: float = 150.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} is still {job.status}\n{service[0].dump_logs()}")
+
+
+def test_fine_tune_download_and_load(client, service, uploads, tmp_path):
+    job = client.fine_tuning.jobs.create(
+        model=uploads["model"], training_file=uploads["train"], validation_file=uploads["valid"],
+        hyperparameters={"n_epochs": 2, "batch_size": 8}, suffix="sentiment", seed=3,
+        extra_body={"task": "text-classification", "test_file": uploads["test"],
+                    "config": {"device": "cpu", "max_length": 16}},
+    )
+    assert job.status == "validating_files"
+    job = wait_done(client, service, job.id)
+    assert job.status == "succeeded", (job.error, service[0].dump_logs())
+    assert job.fine_tuned_model.startswith("ft:tiny-bert:e2e:sentiment:")
+    assert job.trained_tokens and job.trained_tokens > 0
+    assert job.result_files and job.finished_at
+
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert "The job has successfully completed" in messages
+    assert any(m.startswith("Files validated: 64 rows") for m in messages)
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert checkpoints and all(c.step_number >= 1 for c in checkpoints)
+
+    svc, key = service
+    response = httpx.get(f"http://127.0.0.1:{svc.port}/v1/models/{job.fine_tuned_model}/content",
+                         headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert response.status_code == 200, response.text
+    target = tmp_path / "model"
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+        tar.extractall(target, filter="data")
+    root = target if (target / "config.json").exists() else next(p.parent for p in target.rglob("config.json"))
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(root)
+    tokenizer = AutoTokenizer.from_pretrained(root)
+    with torch.no_grad():
+        logits = model(**tokenizer(["a great fun film"], return_tensors="pt")).logits
+    assert logits.shape == (1, 2)
+
+
+def test_bad_label_column_fails_with_a_clear_error(client, service, uploads):
+    job = client.fine_tuning.jobs.create(
+        model=uploads["model"], training_file=uploads["train"],
+        extra_body={"task": "text-classification", "config": {"label_column": "sentiment"}},
+    )
+    job = wait_done(client, service, job.id, timeout=60)
+    assert job.status == "failed"
+    assert job.error.code == "invalid_training_file"
+    assert job.error.param == "training_file"
+    assert "'sentiment'" in job.error.message

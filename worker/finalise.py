@@ -1,0 +1,181 @@
+"""Ending an attempt: every outcome is one compare-and-set fenced on the attempt, so a stale
+supervisor (its lease taken over, or the job already finished) changes nothing.
+
+    child result            job status now          ->  new status
+    succeeded               running                     succeeded (Model row, results file)
+    any                     cancelling                  cancelled
+    cancelled               paused                      paused (lease released; resume requeues)
+    failed, user error      running                     failed with the engine's error, never retried
+    failed, internal error  running                     failed "internal_error" (exit 1: not retried)
+    none, exit 1..127       running                     failed "internal_error" (Kubeflow: not retryable)
+    none, signal / exit 0   running                     queued again (attempt < max) or failed "worker_lost"
+    cancelled               running                     queued again (someone else SIGTERMed it)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from api.db.models import File, FilePurpose, Job, JobStatus, Metric, Model, new_id, now
+from api.db.queries import add_event, transition
+from api.db.session import session_scope
+from api.settings import Settings
+from worker.base_model import fine_tuned_model_name
+from worker.queueing import publish_run, retry_backoff
+from worker.supervisor import ChildExit
+
+log = logging.getLogger(__name__)
+
+RELEASE = {"lease_owner": None, "lease_until": None}
+
+
+def fail(session: Session, job: Job, attempt: int, error: dict[str, Any], *,
+         from_states=(JobStatus.RUNNING,)) -> bool:
+    """Fail the job with OpenAI's error object; an error event says why."""
+    error = {"code": error.get("code") or "internal_error", "message": error.get("message") or "",
+             "param": error.get("param")}
+    if not transition(session, job_id=job.id, from_states=from_states, to_state=JobStatus.FAILED,
+                      attempt=attempt, error=error, finished_at=now(), **RELEASE):
+        return False
+    add_event(session, job_id=job.id, attempt=attempt, level="error",
+              message=f"The job failed: {error['message']}" + (f" (param {error['param']})" if error["param"] else ""),
+              data={"error": error})
+    return True
+
+
+def finalise(settings: Settings, job_id: str, attempt: int, done: ChildExit) -> str:
+    """Record the attempt's outcome; returns the job's new status ("" when this attempt no longer
+    owned the job)."""
+    if done.lost:
+        return ""
+    requeue = False
+    with session_scope(settings.sqlalchemy_url) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.attempt != attempt:
+            return ""
+        status, result = job.status, done.result or {}
+        outcome = result.get("status")
+        if status == JobStatus.CANCELLING:
+            ok = transition(session, job_id=job_id, from_states=[JobStatus.CANCELLING], to_state=JobStatus.CANCELLED,
+                            attempt=attempt, finished_at=now(), **RELEASE)
+            if ok:
+                add_event(session, job_id=job_id, attempt=attempt, message="The job was cancelled")
+            return JobStatus.CANCELLED if ok else ""
+        if status == JobStatus.PAUSED:
+            if outcome == "succeeded":  # it finished before it saw the pause: keep the result
+                return _succeed(session, settings, job, attempt, result, from_states=[JobStatus.PAUSED])
+            session.execute(_release(job_id, attempt))
+            add_event(session, job_id=job_id, attempt=attempt, message="The job is paused")
+            return JobStatus.PAUSED
+        if status != JobStatus.RUNNING:
+            return ""
+        if outcome == "succeeded":
+            return _succeed(session, settings, job, attempt, result)
+        if outcome == "failed":  # user errors and internal errors alike: retrying would fail the same way
+            return JobStatus.FAILED if fail(session, job, attempt, result.get("error") or {}) else ""
+        if outcome is None and 0 < done.returncode < 128:
+            return JobStatus.FAILED if fail(session, job, attempt, {
+                "code": "internal_error",
+                "message": f"The training process exited with code {done.returncode} without a result."}) else ""
+        # Infrastructure: killed by a signal (OOM killer, node shutdown), no result, or stopped by
+        # someone else's SIGTERM. Retry from the last checkpoint while attempts remain.
+        why = _describe(done)
+        max_attempts = job.max_attempts or settings.max_attempts
+        if attempt >= max_attempts:
+            return JobStatus.FAILED if fail(session, job, attempt, {
+                "code": "worker_lost",
+                "message": f"The training process was lost ({why}) on each of {attempt} attempts."}) else ""
+        if not transition(session, job_id=job_id, from_states=[JobStatus.RUNNING], to_state=JobStatus.QUEUED,
+                          attempt=attempt, queued_at=now(), **RELEASE):
+            return ""
+        delay = retry_backoff(attempt)
+        add_event(session, job_id=job_id, attempt=attempt, level="warn",
+                  message=f"The training process was lost ({why}); retrying in {delay:.0f}s "
+                          f"(attempt {attempt + 1} of {max_attempts}) from the last checkpoint")
+        requeue = True
+    if requeue:  # after the commit, as every publish
+        publish_run(settings, job_id, countdown=delay)
+    return JobStatus.QUEUED
+
+
+def _describe(done: ChildExit) -> str:
+    code = done.returncode
+    if code < 0 or code >= 128:
+        num = -code if code < 0 else code - 128
+        try:
+            return f"killed by {signal.Signals(num).name}"
+        except ValueError:
+            return f"killed by signal {num}"
+    if done.result and done.result.get("status") == "cancelled":
+        return "stopped by SIGTERM"
+    return f"exit code {code} without a result"
+
+
+def _release(job_id: str, attempt: int):
+    return (update(Job).where(Job.id == job_id, Job.attempt == attempt).values(**RELEASE)
+            .execution_options(synchronize_session=False))
+
+
+def _succeed(session: Session, settings: Settings, job: Job, attempt: int, result: dict[str, Any],
+             from_states=(JobStatus.RUNNING,)) -> str:
+    spec = job.spec or {}
+    name = fine_tuned_model_name(session, job, spec.get("suffix"))
+    results_file = _results_file(session, settings, job)
+    archive = Path(result.get("archive_path") or "")
+    done = transition(
+        session, job_id=job.id, from_states=from_states, to_state=JobStatus.SUCCEEDED, attempt=attempt,
+        fine_tuned_model=name, trained_tokens=result.get("trained_tokens"),
+        hyperparameters=result.get("hyperparameters") or job.hyperparameters,
+        metrics=result.get("metrics"), result_files=[results_file.id], finished_at=now(), **RELEASE,
+    )
+    if not done:
+        session.rollback()
+        return ""
+    session.add(results_file)
+    session.add(Model(id=name, tenant_id=job.tenant_id, job_id=job.id, task=job.task or spec.get("task") or "",
+                      path=str(result.get("model_dir") or ""), archive_path=str(archive),
+                      bytes=archive.stat().st_size if archive.is_file() else 0, created_at=now()))
+    add_event(session, job_id=job.id, attempt=attempt, message=f"New fine-tuned model created: {name}",
+              data={"fine_tuned_model": name})
+    add_event(session, job_id=job.id, attempt=attempt, message="The job has successfully completed")
+    return JobStatus.SUCCEEDED
+
+
+def step_metrics_csv(session: Session, job_id: str) -> str:
+    """OpenAI's result file shape: one row per step, columns `step` and `{split}_{metric}`.
+    Steps recorded again after a resume keep the newest attempt's values."""
+    rows: dict[int, dict[str, Any]] = {}
+    columns: dict[str, None] = {}
+    order = {"train": 0, "valid": 1, "test": 2}
+    metrics = session.scalars(select(Metric).where(Metric.job_id == job_id).order_by(Metric.seq)).all()
+    for m in sorted(metrics, key=lambda m: (order.get(m.split, 3), m.seq)):
+        for key, value in (m.values or {}).items():
+            column = f"{m.split}_{key}"
+            columns.setdefault(column, None)
+            rows.setdefault(m.step, {})[column] = value
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["step", *columns], lineterminator="\n")
+    writer.writeheader()
+    for step in sorted(rows):
+        writer.writerow({"step": step, **rows[step]})
+    return out.getvalue()
+
+
+def _results_file(session: Session, settings: Settings, job: Job) -> File:
+    data = step_metrics_csv(session, job.id).encode()
+    file_id = new_id("file")
+    path = settings.files_dir / file_id / "step_metrics.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return File(id=file_id, tenant_id=job.tenant_id, purpose=str(FilePurpose.RESULTS), filename="step_metrics.csv",
+                bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), path=str(path), status="processed",
+                details={"format": "csv", "job_id": job.id}, created_at=now())

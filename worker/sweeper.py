@@ -1,0 +1,109 @@
+"""Recovering jobs whose worker or message was lost. `lathe worker`/`lathe serve` run
+`run_sweeper` in a thread; any number of sweepers may run at once (every change is a
+compare-and-set, and a duplicate message finds nothing to claim).
+
+- `running`/`cancelling`/`paused` with an expired lease: the supervisor died (a heartbeat renews
+  the lease while it lives). Running goes back to `queued` (the attempt stays; the next claim bumps
+  it and resumes from the last checkpoint) and is re-published, or fails with `worker_lost` once
+  `attempt >= max_attempts`; cancelling becomes `cancelled`; paused just loses its lease.
+- `queued`/`validating_files` for longer than `stale_after` seconds: the message may have been
+  lost (a broker restart without persistence); publish it again. On these states `lease_until`
+  means "not re-published before": it spaces re-publishing out, so a long queue is not flooded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from sqlalchemy import or_, select, update
+
+from api.db.models import Job, JobStatus, now
+from api.db.queries import add_event
+from api.db.session import session_scope
+from api.settings import Settings
+from worker.queueing import publish_run, publish_validate
+
+log = logging.getLogger(__name__)
+
+RELEASE = {"lease_owner": None, "lease_until": None}
+
+
+def sweep(settings: Settings, *, stale_after: float = 600.0) -> dict[str, list[str]]:
+    """One pass; returns the job ids acted on, by what was done."""
+    t = time.time()
+    done: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": [], "released": [], "republished": []}
+    publish: list[tuple[str, str]] = []
+    with session_scope(settings.sqlalchemy_url) as session:
+        expired = session.execute(
+            select(Job.id, Job.status, Job.attempt, Job.max_attempts)
+            .where(Job.status.in_([JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.PAUSED]),
+                   Job.lease_until.is_not(None), Job.lease_until < t)
+        ).all()
+    for job_id, status, attempt, max_attempts in expired:
+        with session_scope(settings.sqlalchemy_url) as session:
+            # Fenced on the status, the attempt *and* the lapsed lease: a heartbeat that just renewed wins.
+            def cas(to_state: JobStatus, **values) -> bool:  # noqa: ANN003
+                return session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == status, Job.attempt == attempt,
+                           Job.lease_until.is_not(None), Job.lease_until < t)
+                    .values(status=str(to_state), **values, **RELEASE)
+                    .execution_options(synchronize_session=False)
+                ).rowcount == 1
+
+            if status == JobStatus.CANCELLING:
+                if cas(JobStatus.CANCELLED, finished_at=now()):
+                    add_event(session, job_id=job_id, attempt=attempt, message="The job was cancelled")
+                    done["cancelled"].append(job_id)
+            elif status == JobStatus.PAUSED:
+                if cas(JobStatus.PAUSED):
+                    done["released"].append(job_id)
+            elif attempt >= (max_attempts or settings.max_attempts):
+                error = {"code": "worker_lost", "param": None,
+                         "message": f"The worker running the job stopped responding on each of {attempt} attempts."}
+                if cas(JobStatus.FAILED, error=error, finished_at=now()):
+                    add_event(session, job_id=job_id, attempt=attempt, level="error", data={"error": error},
+                              message=f"The job failed: {error['message']}")
+                    done["failed"].append(job_id)
+            elif cas(JobStatus.QUEUED, queued_at=now()):
+                add_event(session, job_id=job_id, attempt=attempt, level="warn",
+                          message=f"The worker running attempt {attempt} stopped responding; the job is queued again")
+                done["requeued"].append(job_id)
+                publish.append(("run", job_id))
+
+    with session_scope(settings.sqlalchemy_url) as session:
+        waiting = session.execute(
+            select(Job.id, Job.status).where(
+                or_(Job.status == JobStatus.QUEUED, Job.status == JobStatus.VALIDATING_FILES),
+                or_(Job.queued_at < t - stale_after,
+                    Job.queued_at.is_(None) & (Job.created_at < t - stale_after)),
+                or_(Job.lease_until.is_(None), Job.lease_until < t))
+        ).all()
+        for job_id, status in waiting:
+            marked = session.execute(
+                update(Job).where(Job.id == job_id, Job.status == status,
+                                  or_(Job.lease_until.is_(None), Job.lease_until < t))
+                .values(lease_until=t + stale_after).execution_options(synchronize_session=False)
+            ).rowcount == 1
+            if marked:
+                publish.append(("run" if status == JobStatus.QUEUED else "validate", job_id))
+                done["republished"].append(job_id)
+
+    for kind, job_id in publish:  # after the commits
+        (publish_run if kind == "run" else publish_validate)(settings, job_id)
+    if any(done.values()):
+        log.info("sweep: %s", {k: v for k, v in done.items() if v})
+    return done
+
+
+def run_sweeper(settings: Settings, interval: float = 15.0, *, stop: threading.Event | None = None) -> None:
+    """Sweep every `interval` seconds until `stop` is set (forever without one); errors are logged."""
+    stop = stop or threading.Event()
+    while not stop.is_set():
+        try:
+            sweep(settings)
+        except Exception:
+            log.exception("sweep failed")
+        stop.wait(interval)

@@ -1,0 +1,181 @@
+"""The two Celery tasks, as plain functions (worker.celery_app registers them by name).
+
+Thin tasks, fat database: each task claims its job with a compare-and-set, does its work outside
+any transaction, and records the outcome with another compare-and-set. A duplicate or late message
+finds nothing to claim and returns. Torch-free: training runs in `worker.child`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from api.db.models import Checkpoint, File, Job, JobStatus, now
+from api.db.queries import add_event, transition
+from api.db.session import session_scope
+from api.settings import Settings, get_settings
+from core.errors import DataError, EngineError
+from core.formats import DatasetInfo, check_labels, inspect_dataset
+from core.spec import JobSpec
+from worker.base_model import resolve_base_model
+from worker.finalise import fail, finalise
+from worker.queueing import publish_run
+from worker.supervisor import start_child, supervise
+
+log = logging.getLogger(__name__)
+
+FILE_PARAMS = ("training_file", "validation_file", "test_file")
+
+
+# ---------------------------------------------------------------------------------------------
+# lathe.validate_job
+
+
+def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
+    """Check the job's datasets in full, then queue it for training (or fail it, saying why).
+
+    Returns the job's new status, or "" when it was not `validating_files` (nothing to do).
+    """
+    settings = settings or get_settings()
+    with session_scope(settings.sqlalchemy_url) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != JobStatus.VALIDATING_FILES:
+            return ""
+        spec_data, tenant_id = job.spec, job.tenant_id
+        files: dict[str, tuple[str, str] | None] = {}
+        for param in FILE_PARAMS:
+            file_id = (spec_data or {}).get(param)
+            file = session.get(File, file_id) if file_id else None
+            files[param] = (file_id, file.path) if file is not None and file.tenant_id == tenant_id else (
+                (file_id, "") if file_id else None)
+
+    try:
+        spec = JobSpec.model_validate(spec_data)
+        infos = _inspect(spec, files)
+        task = spec.task or infos["training_file"].task
+    except EngineError as e:
+        error = e.to_dict()
+    except Exception as e:  # noqa: BLE001 - an unreadable file must fail the job, not loop
+        log.exception("job %s: validation crashed", job_id)
+        error = {"code": "internal_error", "param": None,
+                 "message": f"The files could not be validated ({type(e).__name__})."}
+    else:
+        error = None
+
+    with session_scope(settings.sqlalchemy_url) as session:
+        if error is not None:
+            ok = transition(session, job_id=job_id, from_states=[JobStatus.VALIDATING_FILES],
+                            to_state=JobStatus.FAILED, error=error, finished_at=now(), lease_until=None)
+            if ok:
+                add_event(session, job_id=job_id, level="error", data={"error": error},
+                          message=f"Validation failed: {error['message']}"
+                                  + (f" (param {error['param']})" if error.get("param") else ""))
+            return JobStatus.FAILED if ok else ""
+        resolved = spec.model_copy(update={"task": task})
+        ok = transition(session, job_id=job_id, from_states=[JobStatus.VALIDATING_FILES], to_state=JobStatus.QUEUED,
+                        queued_at=now(), task=str(task), spec=resolved.model_dump(mode="json"), lease_until=None)
+        if ok:
+            add_event(session, job_id=job_id, message=_summary(infos),
+                      data={p: {"rows": i.rows, "label_counts": i.label_counts} for p, i in infos.items()})
+    if ok:
+        publish_run(settings, job_id)
+    return JobStatus.QUEUED if ok else ""
+
+
+def _inspect(spec: JobSpec, files: dict[str, tuple[str, str] | None]) -> dict[str, DatasetInfo]:
+    columns = {"text_column": spec.config.text_column, "label_column": spec.config.label_column}
+    infos: dict[str, DatasetInfo] = {}
+    for param in FILE_PARAMS:
+        entry = files.get(param)
+        if entry is None:
+            continue
+        file_id, path = entry
+        if not path or not Path(path).is_file():
+            raise DataError(f"File {file_id!r} not found.", param=param, code="file_not_found")
+        infos[param] = inspect_dataset(Path(path), param=param, **columns)
+        if param != "training_file":
+            check_labels(infos["training_file"], infos[param], param=param)
+    if len(infos["training_file"].labels) < 2:
+        raise DataError(f"The training file has a single label ({infos['training_file'].labels[0]!r}); "
+                        "classification needs at least two.", param="training_file")
+    return infos
+
+
+def _summary(infos: dict[str, DatasetInfo]) -> str:
+    train = infos["training_file"]
+    labels = ", ".join(f"{k} ({v})" for k, v in list(train.label_counts.items())[:10])
+    more = f" and {len(train.labels) - 10} more" if len(train.labels) > 10 else ""
+    others = "".join(f"; {p.removesuffix('_file')} {i.rows} rows" for p, i in infos.items() if p != "training_file")
+    return f"Files validated: {train.rows} rows, labels {labels}{more}{others}"
+
+
+# ---------------------------------------------------------------------------------------------
+# lathe.run_job
+
+
+def lease_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def claim(settings: Settings, job_id: str) -> int | None:
+    """queued -> running, attempt + 1, a fresh lease; the new attempt, or None if not claimable."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == str(JobStatus.QUEUED))
+            .values(status=str(JobStatus.RUNNING), attempt=Job.attempt + 1, lease_owner=lease_owner(),
+                    lease_until=time.time() + settings.lease_seconds,
+                    started_at=func.coalesce(Job.started_at, now()), error=None)
+            .execution_options(synchronize_session=False)
+        ).rowcount == 1
+        if not claimed:
+            return None
+        return session.scalar(select(Job.attempt).where(Job.id == job_id))
+
+
+def latest_checkpoint(session, job_id: str) -> Checkpoint | None:  # noqa: ANN001
+    """The newest checkpoint of any attempt whose folder still exists (older ones get rotated)."""
+    rows = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)
+                           .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())).all()
+    return next((c for c in rows if Path(c.path).is_dir()), None)
+
+
+def run_job(job_id: str, *, settings: Settings | None = None) -> str:
+    """Claim the job, train it in a supervised child process, record the outcome.
+
+    Returns the job's new status ("" when there was nothing to claim or the attempt was lost).
+    """
+    settings = settings or get_settings()
+    attempt = claim(settings, job_id)
+    if attempt is None:
+        log.info("job %s: nothing to claim (duplicate or late delivery)", job_id)
+        return ""
+    with session_scope(settings.sqlalchemy_url) as session:
+        job = session.get(Job, job_id)
+        try:
+            model = resolve_base_model(session, settings, job)
+        except EngineError as e:
+            return JobStatus.FAILED if fail(session, job, attempt, e.to_dict()) else ""
+        checkpoint = latest_checkpoint(session, job_id)
+        plan: dict[str, Any] = {"model": model, "resume_from": checkpoint.path if checkpoint else None}
+        if checkpoint is not None:
+            message = f"Fine-tuning job resumed (attempt {attempt}) from the checkpoint at step {checkpoint.step}"
+        elif attempt > 1:
+            message = f"Fine-tuning job restarted (attempt {attempt}); no checkpoint to resume from"
+        else:
+            message = "Fine-tuning job started"
+        add_event(session, job_id=job_id, attempt=attempt, message=message, data={"attempt": attempt, **plan})
+
+    log.info("job %s: attempt %s starts (model %s, resume %s)", job_id, attempt, model, plan["resume_from"])
+    proc = start_child(settings, job_id, attempt, plan)
+    done = supervise(settings, job_id, attempt, proc)
+    status = finalise(settings, job_id, attempt, done)
+    log.info("job %s: attempt %s ended (exit %s) -> %s", job_id, attempt, done.returncode, status or "not ours")
+    return status
