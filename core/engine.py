@@ -123,7 +123,7 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
     splits = build_splits(spec, paths, tokenizer)
     model = load_classifier(paths.model, labels=splits.labels, pad_token_id=tokenizer.pad_token_id).to(device)
     sink.event(
-        f"Training {paths.model} on {len(splits.train)} examples, {len(splits.labels)} labels, "
+        f"Training {spec.model} on {len(splits.train)} examples, {len(splits.labels)} labels, "
         f"{device.type}, {precision.name}."
     )
 

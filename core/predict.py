@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from core.errors import EngineError, ModelError
+from core.errors import EngineError
 
 BATCH_SIZE = 32
 

@@ -12,35 +12,23 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from openai import OpenAI
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from api.auth import create_key
 from api.db.models import Base
 from api.db.session import engine_for, session_scope
 from api.main import create_app
 from api.settings import Settings
+from tests.databases import scratch_postgres
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/14"
 
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
-    name = f"lathe_api_test_{secrets.token_hex(4)}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
-        admin.dispose()
-        pytest.skip(f"PostgreSQL unavailable: {exc}")
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    Base.metadata.create_all(engine_for(url))
-    yield url
-    engine_for(url).dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with scratch_postgres("lathe_api_test") as url:
+        Base.metadata.create_all(engine_for(url))
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

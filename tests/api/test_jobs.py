@@ -6,7 +6,6 @@ import json
 
 import openai
 import pytest
-from sqlalchemy import select
 
 from api.db.models import Job, JobStatus, Model, now
 from api.db.session import session_scope

@@ -51,19 +51,14 @@ class Service:
         self.logs: dict[str, Path] = {}
 
     def prepare(self) -> str:
-        """Schema (migrations when the lead's exist, else create_all) and an API key, in the tmp DB."""
+        """Schema (the Alembic migrations, as the server runs them) and an API key, in the tmp DB."""
         from api.auth import create_key
-        from api.db.models import Base
+        from api.db.migrate import upgrade
         from api.db.session import engine_for, session_scope
 
         url = f"sqlite:///{self.data_dir / 'lathe.db'}"
         self.data_dir.mkdir(parents=True)
-        if any((ROOT / "migrations" / "versions").glob("*.py")):
-            from api.db.migrate import upgrade
-
-            upgrade(url)
-        else:
-            Base.metadata.create_all(engine_for(url))
+        upgrade(url)
         with session_scope(url) as session:
             key = create_key(session, tenant_name="e2e")
         engine_for(url).dispose()

@@ -11,39 +11,19 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import create_engine, text
 
 from api.db.models import Base, File, FilePurpose, Job, JobStatus, Tenant, new_id, now
 from api.db.session import engine_for, session_scope
 from api.settings import Settings
+from tests.databases import scratch_postgres
 from tests.tiny_models import save_tiny_bert, sentiment_rows, write_text_dataset
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
-
-
-def _postgres_url() -> Iterator[str]:
-    name = f"lathe_worker_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as e:  # noqa: BLE001
-        admin.dispose()
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not available: {e}")
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    try:
-        yield url
-    finally:
-        engine_for(url).dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -54,11 +34,9 @@ def db_url(request, tmp_path) -> Iterator[str]:
         yield url
         engine_for(url).dispose()
         return
-    gen = _postgres_url()
-    url = next(gen)
-    Base.metadata.create_all(engine_for(url))
-    yield url
-    next(gen, None)
+    with scratch_postgres("lathe_worker") as url:
+        Base.metadata.create_all(engine_for(url))
+        yield url
 
 
 @pytest.fixture
