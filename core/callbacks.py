@@ -57,11 +57,14 @@ class TrainState:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Whether this run was asked to stop belongs to the run, not to the checkpoint: a job
+        # paused (checkpoint saved on the request) must train on when it is resumed.
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "cancelled"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
-            setattr(self, key, value)
+            if key != "cancelled":
+                setattr(self, key, value)
 
 
 @dataclass

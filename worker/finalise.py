@@ -26,7 +26,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api.db.models import File, FilePurpose, Job, JobStatus, Metric, Model, new_id, now
-from api.db.queries import add_event, transition
+from api.db.queries import RELEASE_LEASE, add_event, transition
 from api.db.session import session_scope
 from api.settings import Settings
 from worker.base_model import fine_tuned_model_name
@@ -35,7 +35,6 @@ from worker.supervisor import ChildExit
 
 log = logging.getLogger(__name__)
 
-RELEASE = {"lease_owner": None, "lease_until": None}
 
 
 def fail(session: Session, job: Job, attempt: int, error: dict[str, Any], *,
@@ -44,7 +43,7 @@ def fail(session: Session, job: Job, attempt: int, error: dict[str, Any], *,
     error = {"code": error.get("code") or "internal_error", "message": error.get("message") or "",
              "param": error.get("param")}
     if not transition(session, job_id=job.id, from_states=from_states, to_state=JobStatus.FAILED,
-                      attempt=attempt, error=error, finished_at=now(), **RELEASE):
+                      attempt=attempt, error=error, finished_at=now(), **RELEASE_LEASE):
         return False
     add_event(session, job_id=job.id, attempt=attempt, level="error",
               message=f"The job failed: {error['message']}" + (f" (param {error['param']})" if error["param"] else ""),
@@ -66,7 +65,7 @@ def finalise(settings: Settings, job_id: str, attempt: int, done: ChildExit) -> 
         outcome = result.get("status")
         if status == JobStatus.CANCELLING:
             ok = transition(session, job_id=job_id, from_states=[JobStatus.CANCELLING], to_state=JobStatus.CANCELLED,
-                            attempt=attempt, finished_at=now(), **RELEASE)
+                            attempt=attempt, finished_at=now(), **RELEASE_LEASE)
             if ok:
                 add_event(session, job_id=job_id, attempt=attempt, message="The job was cancelled")
             return JobStatus.CANCELLED if ok else ""
@@ -95,7 +94,7 @@ def finalise(settings: Settings, job_id: str, attempt: int, done: ChildExit) -> 
                 "code": "worker_lost",
                 "message": f"The training process was lost ({why}) on each of {attempt} attempts."}) else ""
         if not transition(session, job_id=job_id, from_states=[JobStatus.RUNNING], to_state=JobStatus.QUEUED,
-                          attempt=attempt, queued_at=now(), **RELEASE):
+                          attempt=attempt, queued_at=now(), **RELEASE_LEASE):
             return ""
         delay = retry_backoff(attempt)
         add_event(session, job_id=job_id, attempt=attempt, level="warn",
@@ -121,7 +120,7 @@ def _describe(done: ChildExit) -> str:
 
 
 def _release(job_id: str, attempt: int):
-    return (update(Job).where(Job.id == job_id, Job.attempt == attempt).values(**RELEASE)
+    return (update(Job).where(Job.id == job_id, Job.attempt == attempt).values(**RELEASE_LEASE)
             .execution_options(synchronize_session=False))
 
 
@@ -135,7 +134,7 @@ def _succeed(session: Session, settings: Settings, job: Job, attempt: int, resul
         session, job_id=job.id, from_states=from_states, to_state=JobStatus.SUCCEEDED, attempt=attempt,
         fine_tuned_model=name, trained_tokens=result.get("trained_tokens"),
         hyperparameters=result.get("hyperparameters") or job.hyperparameters,
-        metrics=result.get("metrics"), result_files=[results_file.id], finished_at=now(), **RELEASE,
+        metrics=result.get("metrics"), result_files=[results_file.id], finished_at=now(), **RELEASE_LEASE,
     )
     if not done:
         session.rollback()

@@ -20,14 +20,13 @@ import time
 from sqlalchemy import or_, select, update
 
 from api.db.models import Job, JobStatus, now
-from api.db.queries import add_event
+from api.db.queries import RELEASE_LEASE, add_event
 from api.db.session import session_scope
 from api.settings import Settings
 from worker.queueing import publish_run, publish_validate
 
 log = logging.getLogger(__name__)
 
-RELEASE = {"lease_owner": None, "lease_until": None}
 
 
 def sweep(settings: Settings, *, stale_after: float = 600.0) -> dict[str, list[str]]:
@@ -49,7 +48,7 @@ def sweep(settings: Settings, *, stale_after: float = 600.0) -> dict[str, list[s
                     update(Job)
                     .where(Job.id == job_id, Job.status == status, Job.attempt == attempt,
                            Job.lease_until.is_not(None), Job.lease_until < t)
-                    .values(status=str(to_state), **values, **RELEASE)
+                    .values(status=str(to_state), **values, **RELEASE_LEASE)
                     .execution_options(synchronize_session=False)
                 ).rowcount == 1
 

@@ -12,6 +12,10 @@ from sqlalchemy.orm import Session
 from api.db.models import Event, File, Job, JobStatus, new_id, now
 
 
+# Values that end an attempt's claim on a job (set with the transition that ends it).
+RELEASE_LEASE: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+
+
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
 

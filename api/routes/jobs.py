@@ -227,15 +227,12 @@ def cancel_job(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep) 
 
 @router.post("/{fine_tuning_job_id}/pause", response_model=FineTuningJob)
 def pause_job(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep) -> FineTuningJob:
-    """Pause a job that has not started running yet."""
+    """Pause a job: a running one checkpoints and frees its worker; resume continues from there."""
     job = owned_job(session, tenant_id=tenant.id, job_id=fine_tuning_job_id)
     if job.status == JobStatus.PAUSED:
         return job_object(job)
-    if job.status == JobStatus.RUNNING:
-        raise Conflict("Pausing a running job is not supported yet; cancel it, or pause it before it starts.",
-                       param="fine_tuning_job_id", code="not_supported")
-    moves = {s: JobStatus.PAUSED for s in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED)}
-    if _move(session, job, moves, "Job paused"):
+    moves = {s: JobStatus.PAUSED for s in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)}
+    if _move(session, job, moves, "Pause requested" if job.status == JobStatus.RUNNING else "Job paused"):
         return job_object(job)
     raise Conflict(f"Job {job.id} is {job.status} and can't be paused.", param="fine_tuning_job_id")
 
@@ -246,6 +243,10 @@ def resume_job(request: Request, fine_tuning_job_id: str, tenant: TenantDep, ses
     job = owned_job(session, tenant_id=tenant.id, job_id=fine_tuning_job_id)
     if job.status != JobStatus.PAUSED:
         raise Conflict(f"Job {job.id} is {job.status}, not paused.", param="fine_tuning_job_id")
+    if job.lease_owner is not None:
+        # The paused attempt is still saving its checkpoint; a new attempt now would race it.
+        raise Conflict("The job is still stopping to pause; retry in a few seconds.",
+                       param="fine_tuning_job_id", code="job_stopping", headers={"Retry-After": "5"})
     validated_before = job.queued_at is not None
     target, task = (JobStatus.QUEUED, RUN_TASK) if validated_before else (JobStatus.VALIDATING_FILES, VALIDATE_TASK)
     _move(session, job, {JobStatus.PAUSED: target}, "Job resumed")

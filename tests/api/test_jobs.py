@@ -206,9 +206,14 @@ def test_pause_and_resume(client, acme, train_file, settings, redis_client):
     tasks = [m["headers"]["task"] for m in queued_messages(redis_client, settings)]
     assert sorted(tasks) == ["lathe.run_job", "lathe.validate_job", "lathe.validate_job"]
     assert_error(client.post(f"{JOBS}/{job_id}/resume", headers=acme), 409)
-    set_status(settings, job_id, JobStatus.RUNNING)
-    err = assert_error(client.post(f"{JOBS}/{job_id}/pause", headers=acme), 409, code="not_supported")
-    assert "running" in err["message"]
+    # a running job: paused at once in SQL; its worker holds the lease until the checkpoint is saved
+    set_status(settings, job_id, JobStatus.RUNNING, lease_owner="host:1:abc")
+    assert client.post(f"{JOBS}/{job_id}/pause", headers=acme).json()["status"] == "paused"
+    r = client.post(f"{JOBS}/{job_id}/resume", headers=acme)
+    assert_error(r, 409, code="job_stopping")
+    assert r.headers["retry-after"] == "5"
+    set_status(settings, job_id, JobStatus.PAUSED, lease_owner=None)  # what the worker's finalise does
+    assert client.post(f"{JOBS}/{job_id}/resume", headers=acme).json()["status"] == "queued"
 
 
 def test_sdk_jobs(sdk, client, train_file, settings):

@@ -140,6 +140,9 @@ def test_should_stop_cancels_after_a_checkpoint(tiny_bert_dir, sentiment_files, 
     step, path, _ = sink.checkpoints[-1]
     assert step == 3 and (path / "model.safetensors").is_file()
     assert not (tmp_path / "output").exists()
+    # A paused job resumes from that checkpoint and trains to the end.
+    resumed = run(make_spec(), paths(tiny_bert_dir, sentiment_files, tmp_path, test=True, resume_from=path), ListSink())
+    assert not resumed.cancelled and resumed.model_dir is not None and resumed.metrics["test"] is not None
 
 
 def test_early_stopping_restores_the_best_weights(tiny_bert_dir, sentiment_files, tmp_path, monkeypatch):

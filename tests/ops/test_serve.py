@@ -40,7 +40,14 @@ def test_keys_create_prints_a_working_key_last(env):
 
 
 def children_named(parent: psutil.Process, needle: str) -> list[psutil.Process]:
-    return [p for p in parent.children(recursive=True) if needle in " ".join(p.cmdline())]
+    found = []
+    for p in parent.children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and needle in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # exited (or a zombie not yet reaped) while we looked
+            continue
+    return found
 
 
 def test_serve_runs_the_stack_and_restarts_a_dead_worker(env, tmp_path):
@@ -74,7 +81,7 @@ def test_serve_runs_the_stack_and_restarts_a_dead_worker(env, tmp_path):
         os.kill(worker.pid, signal.SIGKILL)
         deadline = time.time() + 30
         while time.time() < deadline:
-            fresh = [p for p in children_named(parent, "lathe.cli worker") if p.pid != worker.pid and p.is_running()]
+            fresh = [p for p in children_named(parent, "lathe.cli worker") if p.pid != worker.pid]
             if fresh:
                 break
             time.sleep(0.5)

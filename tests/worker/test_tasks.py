@@ -217,6 +217,31 @@ def test_cancel_while_running(settings):
     assert count(settings, Checkpoint, job_id) >= 1  # ... and saved where it stopped
 
 
+def test_pause_while_running_checkpoints_and_resume_continues(settings):
+    job_id = make_job(settings, train_rows=sentiment_rows(600), status=JobStatus.QUEUED,
+                      hyperparameters={"n_epochs": 1, "batch_size": 8}, config={"max_length": 32})
+    runner = Runner(settings, job_id)
+    runner.start()
+    wait_for(lambda: count(settings, Metric, job_id), what="training to report")
+    with session_scope(settings.sqlalchemy_url) as session:  # what POST /pause does
+        assert transition(session, job_id=job_id, from_states=[JobStatus.RUNNING], to_state=JobStatus.PAUSED)
+    runner.join(120)
+    assert runner.status == JobStatus.PAUSED
+    job = get_job(settings, job_id)
+    assert job.status == JobStatus.PAUSED and job.lease_owner is None and job.fine_tuned_model is None
+    with session_scope(settings.sqlalchemy_url) as session:
+        paused_at = session.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job_id))
+    assert paused_at and paused_at > 0  # the child checkpointed where it stopped
+
+    with session_scope(settings.sqlalchemy_url) as session:  # what POST /resume does
+        assert transition(session, job_id=job_id, from_states=[JobStatus.PAUSED], to_state=JobStatus.QUEUED)
+    status = tasks.run_job(job_id, settings=settings)
+    assert status == JobStatus.SUCCEEDED, [e.message for e in events(settings, job_id)][-6:]
+    job = get_job(settings, job_id)
+    assert job.attempt == 2 and job.fine_tuned_model
+    assert any(f"from the checkpoint at step {paused_at}" in e.message for e in events(settings, job_id))
+
+
 def test_killed_child_is_requeued_and_resumes_from_checkpoint(settings):
     # 75 steps: plenty of time to kill it between the first checkpoint and the end.
     job_id = make_job(settings, train_rows=sentiment_rows(600), status=JobStatus.QUEUED,
