@@ -210,3 +210,28 @@ def test_bad_label_column_fails_with_a_clear_error(client, service, uploads):
     assert job.error.code == "invalid_training_file"
     assert job.error.param == "training_file"
     assert "'sentiment'" in job.error.message
+
+
+def test_cancel_a_running_job(client, service, uploads, tmp_path):
+    path = write_text_dataset(tmp_path / "big.csv", sentiment_rows(3000, seed=5))
+    with open(path, "rb") as f:
+        big = client.files.create(file=f, purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(
+        model=uploads["model"], training_file=big,
+        hyperparameters={"n_epochs": 3, "batch_size": 8},
+        extra_body={"task": "text-classification", "config": {"device": "cpu", "max_length": 16}},
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:  # running, and past its first progress report
+        events = client.fine_tuning.jobs.list_events(job.id, limit=20).data
+        if any(e.message.startswith("Step ") for e in events):
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError(service[0].dump_logs())
+    assert client.fine_tuning.jobs.cancel(job.id).status in ("cancelling", "cancelled")
+    job = wait_done(client, service, job.id, timeout=90)
+    assert job.status == "cancelled" and job.fine_tuned_model is None
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert "The job was cancelled" in messages
+    assert list(client.fine_tuning.jobs.checkpoints.list(job.id))  # saved where it stopped
