@@ -8,6 +8,7 @@ a fresh folder, re-checking the sizes the index promised."""
 
 from __future__ import annotations
 
+import lzma
 import shutil
 import stat
 import tarfile
@@ -66,7 +67,8 @@ def _zip_members(path: Path) -> list[Member]:
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
             mode = info.external_attr >> 16
-            is_dir = info.is_dir()
+            parts = safe_parts(info.filename)  # first: ZipInfo.is_dir() raises IndexError on an empty name
+            is_dir = info.filename.endswith("/")
             if stat.S_ISLNK(mode):
                 raise _bad(f"Archive member {info.filename!r} is a symbolic link; only regular files are allowed.")
             if mode and stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
@@ -76,7 +78,7 @@ def _zip_members(path: Path) -> list[Member]:
             if (not is_dir and info.file_size >= RATIO_MIN_BYTES
                     and info.file_size > MAX_RATIO * max(info.compress_size, 1)):
                 raise _bad(f"Archive member {info.filename!r} expands more than {MAX_RATIO}x (zip bomb?).")
-            members.append(Member(info.filename, safe_parts(info.filename), 0 if is_dir else info.file_size, is_dir))
+            members.append(Member(info.filename, parts, 0 if is_dir else info.file_size, is_dir))
     return members
 
 
@@ -101,7 +103,7 @@ def inspect_archive(path: Path, kind: str, *, max_bytes: int, max_members: int) 
     """
     try:
         members = _zip_members(path) if kind == "zip" else _tar_members(path)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, NotImplementedError, ValueError) as exc:
         raise _bad(f"Not a readable {kind} archive: {exc}") from None
     if len(members) > max_members:
         raise _bad(f"Archive has {len(members)} members; at most {max_members} are allowed.")
@@ -115,6 +117,11 @@ def inspect_archive(path: Path, kind: str, *, max_bytes: int, max_members: int) 
         if m.parts in seen:
             raise _bad(f"Archive member {m.name!r} appears twice.")
         seen.add(m.parts)
+    # A path can't be a file and a folder at once ("d" and "d/x", or "v/" and "v"): extraction would fail.
+    folders = {m.parts for m in members if m.is_dir} | {m.parts[:i] for m in members for i in range(1, len(m.parts))}
+    for m in files:
+        if m.parts in folders:
+            raise _bad(f"Archive member {m.name!r} is a file, but other members use it as a folder.")
     tops = {m.parts[0] for m in members}
     if len(tops) == 1 and (next(iter(tops)), "config.json") in seen:
         members = [Member(m.name, m.parts[1:], m.size, m.is_dir) for m in members if len(m.parts) > 1]
@@ -133,7 +140,13 @@ def inspect_archive(path: Path, kind: str, *, max_bytes: int, max_members: int) 
 def _copy(src, dest: Path, limit: int, name: str) -> None:
     written = 0
     with open(dest, "wb") as out:
-        while chunk := src.read(_CHUNK):
+        while True:
+            try:  # reading the archive: an OSError here is corrupt input (a bad offset, a bad bz2 stream)
+                chunk = src.read(_CHUNK)
+            except OSError as exc:
+                raise _bad(f"Archive member {name!r} is corrupt: {exc}") from None
+            if not chunk:
+                break
             written += len(chunk)
             if written > limit:
                 raise _bad(f"Archive member {name!r} is larger than its header says.")
@@ -149,6 +162,8 @@ def extract_archive(path: Path, kind: str, dest: Path, members: list[Member]) ->
     try:
         archive = zipfile.ZipFile(path) if kind == "zip" else tarfile.open(path, "r:*")
         with archive:
+            # By exact name: tarfile.getmember() strips a trailing '/' and misses a file named "d/".
+            tar_infos = {i.name: i for i in archive.getmembers()} if kind == "tar" else {}
             for m in members:
                 target = root.joinpath(*m.parts)
                 if not target.resolve().is_relative_to(root):
@@ -158,15 +173,19 @@ def extract_archive(path: Path, kind: str, dest: Path, members: list[Member]) ->
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if kind == "zip":
-                    src = archive.open(m.name)
+                    try:
+                        src = archive.open(m.name)
+                    except OSError as exc:  # a local header offset that points nowhere
+                        raise _bad(f"Archive member {m.name!r} is corrupt: {exc}") from None
                 else:
-                    src = archive.extractfile(m.name)
+                    info = tar_infos.get(m.name)
+                    src = archive.extractfile(info) if info is not None else None
                     if src is None:
                         raise _bad(f"Archive member {m.name!r} is not a regular file.")
                 with src:
                     _copy(src, target, m.size, m.name)
         tmp.rename(dest)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, NotImplementedError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _bad(f"Archive is corrupt: {exc}") from None
     except BaseException:

@@ -33,7 +33,9 @@ class Upload:
 def clean_filename(raw: str) -> str:
     """The client's name reduced to metadata: last path component, no control characters."""
     name = raw.replace("\\", "/").rsplit("/", 1)[-1]
-    name = _CONTROL.sub("", name).strip()[:255]
+    name = _CONTROL.sub("", name).strip()
+    if len(name) > 255:  # keep the end, where the extension (.csv, .tar.gz) is
+        name = name[:239] + name[-16:]
     return name or "upload"
 
 
