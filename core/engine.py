@@ -35,7 +35,7 @@ from core.callbacks import (
 from core.checkpoint import checkpoint_name, load_checkpoint, load_model_weights, rotate_checkpoints, save_checkpoint
 from core.data import BatchSampler, Encoded, collate, encode, eval_batches
 from core.device import Precision, is_out_of_memory, resolve_device, resolve_precision
-from core.errors import DataError, EngineError, OutOfMemoryError
+from core.errors import EngineError, OutOfMemoryError
 from core.export import export_model, pack_archive
 from core.metrics import classification_metrics, classification_report
 from core.models import load_classifier, load_tokenizer
@@ -280,11 +280,7 @@ def build_splits(spec: JobSpec, paths: RunPaths, tokenizer) -> Splits:
     task = spec.task or info.task
     if task != Task.TEXT_CLASSIFICATION:
         raise EngineError(f"Task {task!r} is not supported.", param="task", code="unsupported_task")
-    if len(info.labels) < 2:
-        raise DataError(
-            f"The training file has a single label ({info.labels[0]!r}); classification needs at least two.",
-            param="training_file",
-        )
+    formats.check_trainable(info)
     label_ids = {label: i for i, label in enumerate(info.labels)}
 
     def load(path: Path | None, param: str) -> Encoded | None:
@@ -314,9 +310,16 @@ def build_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
 
 
 def build_optimizer(model: torch.nn.Module, config: OptimizerConfig, *, lr: float) -> torch.optim.Optimizer:
-    """AdamW over `build_param_groups`."""
+    """AdamW over `build_param_groups`, fused into one kernel on CPU and CUDA.
+
+    torch's default AdamW on CPU loops over the tensors one by one: for MiniLM-L6 that is ~90 ms a
+    step against ~16 ms fused, a quarter of a batch-32 bf16 step (bench/engine_vs_trainer.py).
+    The fused kernel is the same algorithm; transformers' Trainer uses it by default as well.
+    """
     groups = build_param_groups(model, config.weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    params = [p for group in groups for p in group["params"]]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=fused or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: SchedulerConfig, *, max_steps: int):

@@ -151,6 +151,19 @@ def check_labels(train: DatasetInfo, other: DatasetInfo, *, param: str) -> None:
         )
 
 
+def check_trainable(train: DatasetInfo, *, param: str = "training_file") -> None:
+    """A classifier needs at least two labels to learn from.
+
+    Raises:
+        DataError: the training file has a single label.
+    """
+    if len(train.labels) < 2:
+        raise DataError(
+            f"The training file has a single label ({train.labels[0]!r}); classification needs at least two.",
+            param=param,
+        )
+
+
 def sort_labels(labels: Counter[str] | set[str] | list[str]) -> list[str]:
     """Labels in a stable order: numerically when all are integers ("2" < "10"), else as strings."""
     unique = set(labels)

@@ -22,7 +22,7 @@ from api.db.queries import add_event, transition
 from api.db.session import session_scope
 from api.settings import Settings, get_settings
 from core.errors import DataError, EngineError
-from core.formats import DatasetInfo, check_labels, inspect_dataset
+from core.formats import DatasetInfo, check_labels, check_trainable, inspect_dataset
 from core.spec import JobSpec
 from worker.base_model import resolve_base_model
 from worker.finalise import fail, finalise
@@ -102,9 +102,7 @@ def _inspect(spec: JobSpec, files: dict[str, tuple[str, str] | None]) -> dict[st
         infos[param] = inspect_dataset(Path(path), param=param, **columns)
         if param != "training_file":
             check_labels(infos["training_file"], infos[param], param=param)
-    if len(infos["training_file"].labels) < 2:
-        raise DataError(f"The training file has a single label ({infos['training_file'].labels[0]!r}); "
-                        "classification needs at least two.", param="training_file")
+    check_trainable(infos["training_file"])
     return infos
 
 
