@@ -100,6 +100,10 @@ class TrainingConfig(_Strict):
         True, description="Export the weights of the best evaluation, not the last step (needs a validation file)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train. auto: CUDA when present.")
+    max_runtime_seconds: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Wall-clock budget from the job's start; past it the job checkpoints and fails "
+                          "with error.code deadline_exceeded."
+    )
 
     @model_validator(mode="after")
     def _check_metric(self) -> "TrainingConfig":

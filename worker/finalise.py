@@ -5,6 +5,7 @@ supervisor (its lease taken over, or the job already finished) changes nothing.
     succeeded               running                     succeeded (Model row, results file)
     any                     cancelling                  cancelled
     cancelled               paused                      paused (lease released; resume requeues)
+    not succeeded, deadline running                     failed "deadline_exceeded" (checkpoint kept)
     failed, user error      running                     failed with the engine's error, never retried
     failed, internal error  running                     failed "internal_error" (exit 1: not retried)
     none, exit 1..127       running                     failed "internal_error" (Kubeflow: not retryable)
@@ -79,6 +80,12 @@ def finalise(settings: Settings, job_id: str, attempt: int, done: ChildExit) -> 
             return ""
         if outcome == "succeeded":
             return _succeed(session, settings, job, attempt, result)
+        if done.deadline_exceeded:
+            limit = (job.spec or {}).get("config", {}).get("max_runtime_seconds")
+            return JobStatus.FAILED if fail(session, job, attempt, {
+                "code": "deadline_exceeded", "param": "config.max_runtime_seconds",
+                "message": f"The job ran past its max_runtime_seconds ({limit} s); "
+                           "it was stopped after saving a checkpoint."}) else ""
         if outcome == "failed":  # user errors and internal errors alike: retrying would fail the same way
             return JobStatus.FAILED if fail(session, job, attempt, result.get("error") or {}) else ""
         if outcome is None and 0 < done.returncode < 128:

@@ -39,6 +39,7 @@ class ChildExit:
     result: dict[str, Any] | None  # the child's result file, if it wrote one
     lost: bool  # the lease was gone (requeued/taken over/finished elsewhere): we killed it
     signalled: bool  # we sent SIGTERM because the job was being cancelled or paused
+    deadline_exceeded: bool = False  # we sent SIGTERM because config.max_runtime_seconds ran out
 
     @property
     def signal_exit(self) -> bool:
@@ -103,10 +104,13 @@ def _killpg(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def supervise(settings: Settings, job_id: str, attempt: int, proc: subprocess.Popen) -> ChildExit:
+def supervise(settings: Settings, job_id: str, attempt: int, proc: subprocess.Popen, *,
+              deadline: float | None = None) -> ChildExit:
     """Wait for the child, renewing the lease every heartbeat. Lease gone → SIGKILL the group;
-    cancelling/paused → SIGTERM (the child checkpoints and stops), SIGKILL after the grace period."""
+    cancelling/paused or past `deadline` (unix time) → SIGTERM (the child checkpoints and stops),
+    SIGKILL after the grace period."""
     lost = False
+    timed_out = False
     term_at: float | None = None
     try:
         while True:
@@ -126,8 +130,10 @@ def supervise(settings: Settings, job_id: str, attempt: int, proc: subprocess.Po
                 _killpg(proc, signal.SIGKILL)
                 proc.wait()
                 break
-            if status in STOPPING and term_at is None:
-                log.info("job %s: %s; asking the training process to checkpoint and stop", job_id, status)
+            if term_at is None and (status in STOPPING or (deadline is not None and time.time() > deadline)):
+                timed_out = status not in STOPPING
+                log.info("job %s: %s; asking the training process to checkpoint and stop", job_id,
+                         "past its max_runtime_seconds" if timed_out else status)
                 _killpg(proc, signal.SIGTERM)
                 term_at = time.monotonic()
             elif term_at is not None and time.monotonic() - term_at > settings.cancel_grace_seconds:
@@ -145,4 +151,5 @@ def supervise(settings: Settings, job_id: str, attempt: int, proc: subprocess.Po
             result = json.loads(result_file.read_text())
         except (OSError, ValueError):
             log.exception("job %s: unreadable result file %s", job_id, result_file)
-    return ChildExit(returncode=proc.returncode, result=result, lost=lost, signalled=term_at is not None)
+    return ChildExit(returncode=proc.returncode, result=result, lost=lost, signalled=term_at is not None,
+                     deadline_exceeded=timed_out)

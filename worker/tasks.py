@@ -162,6 +162,8 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
         except EngineError as e:
             return JobStatus.FAILED if fail(session, job, attempt, e.to_dict()) else ""
         checkpoint = latest_checkpoint(session, job_id)
+        budget = (job.spec or {}).get("config", {}).get("max_runtime_seconds")
+        deadline = job.started_at + budget if budget else None
         plan: dict[str, Any] = {"model": model, "resume_from": checkpoint.path if checkpoint else None}
         if checkpoint is not None:
             message = f"Fine-tuning job resumed (attempt {attempt}) from the checkpoint at step {checkpoint.step}"
@@ -173,7 +175,7 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
 
     log.info("job %s: attempt %s starts (model %s, resume %s)", job_id, attempt, model, plan["resume_from"])
     proc = start_child(settings, job_id, attempt, plan)
-    done = supervise(settings, job_id, attempt, proc)
+    done = supervise(settings, job_id, attempt, proc, deadline=deadline)
     status = finalise(settings, job_id, attempt, done)
     log.info("job %s: attempt %s ended (exit %s) -> %s", job_id, attempt, done.returncode, status or "not ours")
     return status

@@ -217,6 +217,19 @@ def test_cancel_while_running(settings):
     assert count(settings, Checkpoint, job_id) >= 1  # ... and saved where it stopped
 
 
+def test_max_runtime_fails_the_job_with_deadline_exceeded(settings):
+    job_id = make_job(settings, train_rows=sentiment_rows(3000), status=JobStatus.QUEUED,
+                      hyperparameters={"n_epochs": 3, "batch_size": 8},
+                      config={"max_length": 64, "max_runtime_seconds": 4})
+    assert tasks.run_job(job_id, settings=settings) == JobStatus.FAILED
+    job = get_job(settings, job_id)
+    assert job.error["code"] == "deadline_exceeded" and job.error["param"] == "config.max_runtime_seconds"
+    assert job.attempt == 1 and job.lease_owner is None and job.fine_tuned_model is None
+    assert job.finished_at - job.started_at < 4 + 30  # stopped soon after the budget (plus model load)
+    assert count(settings, Checkpoint, job_id) >= 1  # the work done so far is kept
+    assert '"cancelled"' in attempt_paths(settings.jobs_dir, job_id, 1)["result.json"].read_text()
+
+
 def test_pause_while_running_checkpoints_and_resume_continues(settings):
     job_id = make_job(settings, train_rows=sentiment_rows(600), status=JobStatus.QUEUED,
                       hyperparameters={"n_epochs": 1, "batch_size": 8}, config={"max_length": 32})
