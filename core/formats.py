@@ -77,7 +77,7 @@ def check_file(path: Path, fmt: str, *, param: str = "file") -> dict[str, Any]:
     """
     rows = 0
     columns: dict[str, None] = {}
-    for _, record in _records(path, fmt, param=param):
+    for _, record in records(path, fmt, param=param):
         rows += 1
         for key in record:
             columns.setdefault(key, None)
@@ -186,7 +186,7 @@ def _examples(path: Path, fmt: str, *, param: str, text_column: str, label_colum
                     f"{path.name} has no column {column!r} (columns: {', '.join(header)}).", param=param
                 )
     unit = "row" if fmt == "parquet" else "line"
-    for line, record in _records(path, fmt, param=param):
+    for line, record in records(path, fmt, param=param):
         where = f"{unit} {line}"
         if text_column not in record:
             raise DataError(f"{where}: no {text_column!r} field (keys: {', '.join(record)}).", param=param)
@@ -222,7 +222,7 @@ def _kind(value: Any) -> str:
     return {dict: "an object", list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _records(path: Path, fmt: str, *, param: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def records(path: Path, fmt: str, *, param: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line or row number, record) for every record of the file."""
     if fmt == "csv":
         yield from _csv_records(path, param=param)

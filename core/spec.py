@@ -3,6 +3,11 @@
 The API validates a request into a `JobSpec` and stores `spec.model_dump(mode="json")`; the worker
 re-validates it with `JobSpec.model_validate`. Every knob is a field with a default, bounds and a
 description, so the OpenAPI schema documents the toolbox for free. This module imports no torch.
+
+The toolbox reads in the order a practitioner thinks about a run: what the data is (columns,
+lengths, packing), what is done to the network before training (`head`, `dropout`, `freeze`,
+`lora`), how it is optimised (`optimizer`, `scheduler`, `loss`, clipping, precision), what varies
+in the inputs (`augmentation`), and how the run is watched (evaluation, checkpoints, early stopping).
 """
 
 from __future__ import annotations
@@ -19,6 +24,36 @@ AUTO = "auto"
 
 class Task(StrEnum):
     TEXT_CLASSIFICATION = "text-classification"
+    TOKEN_CLASSIFICATION = "token-classification"
+    CAUSAL_LM = "causal-lm"
+    IMAGE_CLASSIFICATION = "image-classification"
+
+
+class ProblemType(StrEnum):
+    """What a text-classification label is."""
+
+    SINGLE_LABEL = "single_label"  # one class per example: softmax + cross-entropy
+    MULTI_LABEL = "multi_label"  # any number of classes per example: sigmoid + BCE
+    REGRESSION = "regression"  # a number per example: MSE
+
+
+# Validation metrics of each task (and text-classification problem type), and whether larger is better.
+LABEL_METRICS: dict[str, bool] = {
+    "loss": False, "accuracy": True, "f1_macro": True, "f1_micro": True, "f1_weighted": True,
+    "precision_macro": True, "recall_macro": True,
+}
+MULTI_LABEL_METRICS: dict[str, bool] = {
+    "loss": False, "f1_micro": True, "f1_macro": True, "exact_match": True, "hamming_loss": False,
+}
+REGRESSION_METRICS: dict[str, bool] = {"loss": False, "mse": False, "rmse": False, "mae": False, "r2": True}
+TOKEN_METRICS: dict[str, bool] = {"loss": False, "f1": True, "precision": True, "recall": True, "accuracy": True}
+CAUSAL_LM_METRICS: dict[str, bool] = {"loss": False, "perplexity": False, "token_accuracy": True}
+ALL_METRICS: dict[str, bool] = (
+    LABEL_METRICS | MULTI_LABEL_METRICS | REGRESSION_METRICS | TOKEN_METRICS | CAUSAL_LM_METRICS
+)
+
+# Kept for callers that predate the other tasks.
+CLASSIFICATION_METRICS = LABEL_METRICS
 
 
 class _Strict(BaseModel):
@@ -35,34 +70,178 @@ class Hyperparameters(_Strict):
         AUTO, description="Examples per optimizer step (before accumulation). auto: 8-32 by data size."
     )
     learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] = Field(
-        AUTO, description="Multiplies the task's base learning rate (5e-5 for encoders). auto: 1."
+        AUTO, description="Multiplies the task's base learning rate (see config.optimizer.learning_rate). auto: 1."
+    )
+
+
+class HeadConfig(_Strict):
+    """The classification head put on top of the backbone (classification tasks)."""
+
+    type: Literal["default", "linear", "mlp"] = Field(
+        "default", description="default: the architecture's own head; linear: dropout + one linear layer; "
+                               "mlp: hidden layers (hidden_sizes) with activation, optional batch norm, dropout."
+    )
+    hidden_sizes: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
+        default_factory=list, max_length=8, description="mlp: widths of the hidden layers."
+    )
+    activation: Literal["gelu", "relu", "tanh", "silu"] = Field("gelu", description="mlp: the activation.")
+    batch_norm: bool = Field(False, description="mlp: BatchNorm1d after each hidden linear layer.")
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout before each linear layer of the head; default the model's own."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "HeadConfig":
+        if self.type == "mlp" and not self.hidden_sizes:
+            raise ValueError("head.type mlp needs hidden_sizes, e.g. [256]")
+        if self.type != "mlp" and (self.hidden_sizes or self.batch_norm):
+            raise ValueError("hidden_sizes and batch_norm apply to head.type mlp only")
+        return self
+
+
+class DropoutConfig(_Strict):
+    """Overrides of the model's dropout probabilities (null keeps the model's value)."""
+
+    hidden: float | None = Field(None, ge=0, lt=1, description="Dropout on hidden states/residual paths.")
+    attention: float | None = Field(None, ge=0, lt=1, description="Dropout on attention probabilities.")
+    classifier: float | None = Field(None, ge=0, lt=1, description="Dropout before the classification head.")
+
+
+class GradualUnfreezingConfig(_Strict):
+    """ULMFiT-style: train the head alone first, then unfreeze one layer group from the top every interval."""
+
+    every_steps: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Unfreeze the next group every N optimizer steps; null: every epoch."
+    )
+
+
+class FreezeConfig(_Strict):
+    """Parameters kept fixed (bit-identical) during training."""
+
+    embeddings: bool = Field(False, description="Freeze the input embeddings (and a tied output layer).")
+    first_n_layers: int = Field(0, ge=0, le=1000, description="Freeze the first N transformer blocks / stages.")
+    patterns: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=64,
+        description="Python regexes; a parameter whose name matches any (re.search) is frozen.",
+    )
+    backbone: bool = Field(False, description="Freeze everything but the head (linear probing).")
+    gradual_unfreezing: GradualUnfreezingConfig | None = Field(
+        None, description="Start with all but the head frozen and unfreeze layer groups top-down on a schedule."
+    )
+
+
+class LoraConfig(_Strict):
+    """Low-rank adapters (peft) instead of full fine-tuning; merged into the exported weights."""
+
+    r: int = Field(8, ge=1, le=1024, description="Rank of the update matrices.")
+    alpha: float = Field(16, gt=0, le=4096, description="Scaling: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | Literal["all-linear"] | None = Field(
+        None, description="Module names (or suffixes) that get adapters; null: peft's default for the "
+                          "architecture; all-linear: every linear layer but the head."
+    )
+    merge_on_export: bool = Field(
+        True, description="Export merged full weights (loads with plain transformers); the adapter is kept "
+                          "in adapter/ either way."
     )
 
 
 class OptimizerConfig(_Strict):
-    name: Literal["adamw"] = Field("adamw", description="Optimizer. AdamW (decoupled weight decay).")
-    learning_rate: Annotated[float, Field(gt=0, le=1.0)] | None = Field(
-        None, description="Absolute peak learning rate; overrides base LR x learning_rate_multiplier."
+    name: Literal["adamw", "adam", "sgd", "adafactor"] = Field(
+        "adamw", description="adamw (decoupled weight decay), adam (L2 added to the gradient), sgd "
+                             "(momentum, nesterov), adafactor (transformers', factored second moments)."
     )
-    weight_decay: float = Field(0.01, ge=0, le=1.0, description="Decoupled weight decay (L2), not on biases/norms.")
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.999, ge=0, lt=1)
+    learning_rate: Annotated[float, Field(gt=0, le=10.0)] | None = Field(
+        None, description="Absolute peak learning rate; overrides base LR x learning_rate_multiplier. "
+                          "Base: 5e-5 for encoders, 2e-5 for causal LMs (1e-4 with LoRA), 1e-3 for vision."
+    )
+    head_learning_rate: Annotated[float, Field(gt=0, le=10.0)] | None = Field(
+        None, description="A separate learning rate for the head (new layers learn faster); default the same."
+    )
+    layerwise_lr_decay: float = Field(
+        1.0, gt=0, le=1.0, description="Layer-wise LR decay: block i from the top trains at lr x decay^i; "
+                                       "embeddings one step further down. 1: off."
+    )
+    weight_decay: float = Field(0.01, ge=0, le=1.0, description="L2: decoupled (adamw, adafactor) or added to "
+                                                                "the gradient (adam, sgd); not on biases/norms.")
+    l1_penalty: float = Field(0.0, ge=0, le=1.0, description="Adds l1_penalty x sum|w| over the decayed weights "
+                                                             "to the loss.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="adam/adamw first-moment decay (adafactor: null when 0).")
+    beta2: float = Field(0.999, ge=0, lt=1, description="adam/adamw second-moment decay.")
     eps: float = Field(1e-8, gt=0, le=1e-3)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum.")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs momentum > 0).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimizerConfig":
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov applies to optimizer sgd with momentum > 0")
+        return self
 
 
 class SchedulerConfig(_Strict):
-    name: Literal["linear", "cosine", "constant"] = Field(
-        "linear", description="Learning-rate schedule after warmup (transformers.get_scheduler)."
-    )
+    name: Literal[
+        "constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "step", "exponential",
+        "reduce_on_plateau",
+    ] = Field("linear", description="Learning-rate schedule after warmup (transformers/torch schedulers).")
     warmup_ratio: float = Field(0.06, ge=0, le=0.5, description="Fraction of optimizer steps spent warming up.")
     warmup_steps: Annotated[int, Field(ge=0)] | None = Field(
         None, description="Warmup steps; overrides warmup_ratio when set."
     )
+    num_cycles: int = Field(1, ge=1, le=100, description="cosine_with_restarts: number of hard restarts.")
+    min_lr_ratio: float = Field(0.0, ge=0, lt=1, description="polynomial: final LR as a fraction of the peak.")
+    step_size: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="step: decay every N optimizer steps; default one epoch."
+    )
+    gamma: float = Field(0.5, gt=0, le=1, description="step/exponential: multiplicative decay "
+                                                      "(exponential: per epoch).")
+    plateau_patience: int = Field(1, ge=0, le=100, description="reduce_on_plateau: evaluations without "
+                                                               "improvement of metric_for_best_model before the LR drops.")
+    plateau_factor: float = Field(0.5, gt=0, lt=1, description="reduce_on_plateau: multiplicative drop.")
+
+
+class LossConfig(_Strict):
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing (single-label, image).")
+    class_weights: Literal["balanced"] | dict[str, Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="Per-class loss weights: balanced (n / (k x count), as scikit-learn) or "
+                          "{label: weight}; single-label and multi-label (positive weight) classification."
+    )
+
+
+class TextAugmentationConfig(_Strict):
+    """EDA-style token edits to training examples (never validation/test); each a per-token probability."""
+
+    deletion: float = Field(0.0, ge=0, le=0.5, description="Drop a token.")
+    swap: float = Field(0.0, ge=0, le=0.5, description="Swap a token with a random other one of the example.")
+    insertion: float = Field(0.0, ge=0, le=0.5, description="Insert a random vocabulary token after a token.")
+    substitution: float = Field(0.0, ge=0, le=0.5, description="Replace a token by a random vocabulary token.")
+    probability: float = Field(1.0, ge=0, le=1, description="Fraction of training examples augmented at all.")
+
+
+class ImageAugmentationConfig(_Strict):
+    """Random image transforms of training examples (never validation/test)."""
+
+    random_resized_crop: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="Crop a random area of at least this fraction and resize back; null: off."
+    )
+    horizontal_flip: float = Field(0.0, ge=0, le=1, description="Probability of a horizontal flip.")
+    rotation: float = Field(0.0, ge=0, le=180, description="Random rotation within +- this many degrees.")
+    brightness: float = Field(0.0, ge=0, le=1, description="Color jitter: brightness factor range.")
+    contrast: float = Field(0.0, ge=0, le=1, description="Color jitter: contrast factor range.")
+    saturation: float = Field(0.0, ge=0, le=1, description="Color jitter: saturation factor range.")
+    hue: float = Field(0.0, ge=0, le=0.5, description="Color jitter: hue shift range.")
+
+
+class AugmentationConfig(_Strict):
+    text: TextAugmentationConfig | None = Field(None, description="Text/causal/token tasks; null: none.")
+    image: ImageAugmentationConfig | None = Field(None, description="image-classification; null: none.")
 
 
 class EarlyStoppingConfig(_Strict):
     patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0, description="Smallest change of the metric that counts as improvement.")
+    metric: str | None = Field(None, description="Validation metric watched; default metric_for_best_model.")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="auto: from the metric (loss: min, f1: max).")
 
 
 class TrainingConfig(_Strict):
@@ -70,16 +249,51 @@ class TrainingConfig(_Strict):
 
     text_column: str = Field("text", min_length=1, max_length=128, description="Column/key with the input text.")
     label_column: str = Field("label", min_length=1, max_length=128, description="Column/key with the label.")
-    max_length: int = Field(128, ge=8, le=8192, description="Tokens per example; longer inputs are truncated.")
+    tokens_column: str = Field("tokens", min_length=1, max_length=128,
+                               description="token-classification: key with the list of words.")
+    tags_column: str = Field("tags", min_length=1, max_length=128,
+                             description="token-classification: key with one tag per word (IOB2, e.g. B-PER).")
+    image_column: str = Field("image", min_length=1, max_length=128,
+                              description="image-classification (Parquet): column with the image bytes.")
+    problem_type: ProblemType | Literal["auto"] = Field(
+        AUTO, description="text-classification only. auto: multi_label when labels are lists (or contain "
+                          "label_separator), regression when they are non-integer numbers, else single_label."
+    )
+    label_separator: str | None = Field(
+        None, min_length=1, max_length=8, description="Splits a CSV label cell into several labels (multi_label)."
+    )
+    max_length: int = Field(128, ge=8, le=32768, description="Tokens per example; longer inputs are truncated.")
     truncation_side: Literal["right", "left"] = Field("right", description="Which end of a long input is cut.")
+    image_size: Annotated[int, Field(ge=8, le=1024)] | None = Field(
+        None, description="image-classification: side of the square input; default the processor's size."
+    )
+    packing: bool = Field(
+        False, description="causal-lm: concatenate examples into rows of max_length tokens; attention never "
+                           "crosses examples (position ids restart at each). Fewer padding tokens, same loss."
+    )
+    train_on_inputs: bool = Field(
+        False, description="causal-lm: also learn the prompt/user tokens; default only assistant/completion tokens."
+    )
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    dropout: DropoutConfig = Field(default_factory=DropoutConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    lora: LoraConfig | None = Field(None, description="Train low-rank adapters instead of all weights.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
     max_grad_norm: Annotated[float, Field(gt=0)] | None = Field(
         1.0, description="Clip the global gradient norm to this value; null disables clipping."
+    )
+    max_grad_value: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Clip each gradient element to [-v, v] (before norm clipping); null: off."
     )
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast where the device computes bf16 natively (CUDA, CPUs with avx512_bf16), else fp32."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~30% more compute."
     )
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding); batch order stays random."
@@ -91,7 +305,11 @@ class TrainingConfig(_Strict):
         None, description="Save a resumable checkpoint every N optimizer steps; null: after each evaluation."
     )
     metric_for_best_model: str = Field(
-        "loss", description="Validation metric that picks the best checkpoint (loss, accuracy, f1_macro)."
+        "loss", description="Validation metric that picks the best checkpoint and drives reduce_on_plateau. "
+                            "By task: text/image classification loss, accuracy, f1_macro, f1_micro, f1_weighted, "
+                            "precision_macro, recall_macro; multi-label loss, f1_micro, f1_macro, exact_match, "
+                            "hamming_loss; regression loss, mse, rmse, mae, r2; token-classification loss, f1, "
+                            "precision, recall, accuracy; causal-lm loss, perplexity, token_accuracy."
     )
     early_stopping: EarlyStoppingConfig | None = Field(
         None, description="Stop when the validation metric stops improving; the best weights are restored."
@@ -107,16 +325,11 @@ class TrainingConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_metric(self) -> "TrainingConfig":
-        if self.metric_for_best_model not in CLASSIFICATION_METRICS:
-            raise ValueError(
-                f"metric_for_best_model must be one of {sorted(CLASSIFICATION_METRICS)}, "
-                f"not {self.metric_for_best_model!r}"
-            )
+        for name, value in (("metric_for_best_model", self.metric_for_best_model),
+                            ("early_stopping.metric", self.early_stopping and self.early_stopping.metric)):
+            if value and value not in ALL_METRICS:
+                raise ValueError(f"{name} must be one of {sorted(ALL_METRICS)}, not {value!r}")
         return self
-
-
-# Validation metrics and whether a larger value is better.
-CLASSIFICATION_METRICS: dict[str, bool] = {"loss": False, "accuracy": True, "f1_macro": True}
 
 
 class JobSpec(_Strict):
@@ -143,18 +356,27 @@ class JobSpec(_Strict):
             return int(hp)
         return 32 if n_train >= 1024 else 16 if n_train >= 128 else 8
 
-    def learning_rate(self) -> float:
+    def base_learning_rate(self, task: Task | None = None) -> float:
+        """The learning rate a multiplier of 1 means for this task (and LoRA)."""
+        task = task or self.task or Task.TEXT_CLASSIFICATION
+        if task == Task.CAUSAL_LM:
+            return 1e-4 if self.config.lora is not None else 2e-5
+        if task == Task.IMAGE_CLASSIFICATION:
+            return 1e-3
+        return 5e-4 if self.config.lora is not None else BASE_LEARNING_RATE
+
+    def learning_rate(self, task: Task | None = None) -> float:
         if self.config.optimizer.learning_rate is not None:
             return self.config.optimizer.learning_rate
         mult = self.hyperparameters.learning_rate_multiplier
-        return BASE_LEARNING_RATE * (1.0 if mult == AUTO else float(mult))
+        return self.base_learning_rate(task) * (1.0 if mult == AUTO else float(mult))
 
-    def resolved_hyperparameters(self, n_train: int) -> dict[str, float | int]:
+    def resolved_hyperparameters(self, n_train: int, task: Task | None = None) -> dict[str, float | int]:
         """The concrete values "auto" stood for, as reported on the job object."""
         return {
             "n_epochs": self.n_epochs(),
             "batch_size": self.batch_size(n_train),
-            "learning_rate_multiplier": self.learning_rate() / BASE_LEARNING_RATE,
+            "learning_rate_multiplier": self.learning_rate(task) / self.base_learning_rate(task),
         }
 
 

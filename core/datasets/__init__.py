@@ -1,0 +1,101 @@
+"""Reading and checking datasets per task, without torch.
+
+The Celery validation step and the API import this package, so nothing under it may import torch
+or transformers. Each task's reader module has the same three functions:
+
+    inspect(path, *, param, config) -> DatasetSummary    one full pass, every row checked
+    check_split(train, other, *, param) -> None           validation/test against the training file
+    read(path, *, param, config) -> list[...]             the rows, as the task's torch side wants them
+
+and raises core.errors.DataError naming the request field (param) and the line or row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import DataError
+from core.spec import Task, TrainingConfig
+
+
+@dataclass
+class DatasetSummary:
+    """What a full pass over one dataset file found."""
+
+    task: Task
+    rows: int
+    labels: list[str] | None = None  # class/tag names in id order; None for regression and causal-lm
+    label_counts: dict[str, int] = field(default_factory=dict)  # the class balance report
+    details: dict[str, Any] = field(default_factory=dict)  # task-specific facts (problem_type, row formats, ...)
+
+
+def reader(task: Task):
+    """The reader module of a task (inspect/check_split/read)."""
+    from core.datasets import chat, images, text, tokens
+
+    return {
+        Task.TEXT_CLASSIFICATION: text,
+        Task.TOKEN_CLASSIFICATION: tokens,
+        Task.CAUSAL_LM: chat,
+        Task.IMAGE_CLASSIFICATION: images,
+    }[task]
+
+
+def infer_task(path: Path, config: TrainingConfig, *, param: str = "training_file") -> Task:
+    """The task a training file is for, from its format and the keys of its first row.
+
+    .zip (image folders) or a Parquet file with config.image_column: image-classification;
+    rows with config.tokens_column and config.tags_column: token-classification;
+    rows with "messages", "prompt"/"completion", "instruction"/"output", or a text column and no
+    label column: causal-lm; anything else: text-classification.
+    """
+    from core import formats
+
+    if path.suffix.lower() == ".zip":
+        return Task.IMAGE_CLASSIFICATION
+    fmt = formats.dataset_format(path.name)
+    first = next((record for _, record in formats.records(path, fmt, param=param)), None)
+    if first is None:
+        raise DataError(f"{path.name} has no data rows.", param=param)
+    keys = set(first)
+    if config.image_column in keys and fmt == "parquet":
+        return Task.IMAGE_CLASSIFICATION
+    if {config.tokens_column, config.tags_column} <= keys:
+        return Task.TOKEN_CLASSIFICATION
+    if "messages" in keys or {"prompt", "completion"} <= keys or {"instruction", "output"} <= keys:
+        return Task.CAUSAL_LM
+    if config.text_column in keys and config.label_column not in keys:
+        return Task.CAUSAL_LM
+    return Task.TEXT_CLASSIFICATION
+
+
+FILE_PARAMS = ("training_file", "validation_file", "test_file")
+
+
+def inspect_files(task: Task | None, files: dict[str, Path | None], config: TrainingConfig) -> tuple[Task, dict[str, DatasetSummary]]:
+    """Check every file of a job in full: (the task, a summary per request field).
+
+    Args:
+        task: the job's task, or None to infer it from the training file.
+        files: request field ("training_file", ...) -> local path (None when not given).
+        config: the job's config (columns, problem type, ...).
+
+    Raises:
+        DataError: a bad file, labels of validation/test unknown to the training file, or a
+            training file nothing can be learned from.
+    """
+    train_path = files["training_file"]
+    assert train_path is not None
+    task = task or infer_task(train_path, config)
+    module = reader(task)
+    summaries: dict[str, DatasetSummary] = {}
+    for param in FILE_PARAMS:
+        path = files.get(param)
+        if path is None:
+            continue
+        summaries[param] = module.inspect(path, param=param, config=config)
+        if param != "training_file":
+            module.check_split(summaries["training_file"], summaries[param], param=param)
+    return task, summaries

@@ -1,0 +1,179 @@
+"""What a task contributes to the one training loop in core.engine.
+
+The engine owns the loop (accumulation, clipping, precision, schedules, checkpoints, callbacks);
+a TaskAdapter owns everything that differs between tasks: reading and encoding the data, building
+the model and its head, collating batches (with augmentation for training batches), the loss, and
+the metrics. One adapter per task, in core/tasks/<task>.py.
+
+Loss contract: `loss_sum(model, batch)` returns the loss *summed* over the batch's units (examples,
+or target tokens for causal-lm / token-classification) and `units(batch)` counts them without a
+forward pass. The engine divides each micro-batch's sum by the units of the whole optimizer step,
+so gradient accumulation computes exactly the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.datasets import DatasetSummary
+from core.device import Precision
+from core.spec import JobSpec, Task
+
+
+@dataclass
+class Split:
+    """A prepared split: per-example model inputs and targets, unpadded."""
+
+    features: dict[str, list[Any]]  # input name -> one entry per example (token id lists, image tensors, ...)
+    targets: list[Any]  # one per example: class id, [0/1 per label], float, [tag id per token], ...
+    lengths: list[int]  # tokens per example (1 for images): drives length grouping and padding
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+@dataclass
+class TaskData:
+    """All splits of a job, ready to batch."""
+
+    train: Split
+    validation: Split | None
+    test: Split | None
+    labels: list[str] | None  # class/tag names in id order (the model's id2label); None when not a classifier
+    summaries: dict[str, DatasetSummary] = field(default_factory=dict)  # per request field, for reports
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    train: Path
+    validation: Path | None = None
+    test: Path | None = None
+
+
+class TaskAdapter:
+    """Base class; subclasses set `task` and implement the methods that raise NotImplementedError."""
+
+    task: Task
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.config = spec.config
+
+    # --- data ------------------------------------------------------------------------------
+
+    @property
+    def metrics(self) -> dict[str, bool]:
+        """Validation metric name -> whether larger is better (config.metric_for_best_model must be one)."""
+        raise NotImplementedError
+
+    def load_processor(self, source: str) -> Any:
+        """The tokenizer or image processor of the base model (a local folder or hub id).
+
+        Raises:
+            ModelError: not found / not loadable safely.
+        """
+        raise NotImplementedError
+
+    def prepare(self, files: DataFiles, processor: Any) -> TaskData:
+        """Read, check (validation/test labels against training) and encode every split.
+
+        Raises:
+            DataError: as the task's core.datasets reader.
+        """
+        raise NotImplementedError
+
+    # --- model -----------------------------------------------------------------------------
+
+    def build_model(self, source: str, data: TaskData, processor: Any) -> torch.nn.Module:
+        """The model to train in fp32 on the CPU, with this task's head for data.labels; head
+        surgery (config.head) and classifier dropout (config.dropout.classifier) applied.
+
+        Raises:
+            ModelError: not found, not safetensors, or the wrong architecture for the task.
+        """
+        raise NotImplementedError
+
+    def collate(
+        self,
+        split: Split,
+        indices: list[int],
+        *,
+        rng: np.random.Generator | None = None,
+        pad_to_multiple_of: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The batch of examples `indices`, padded, as CPU tensors the model's forward takes, plus
+        "labels". `rng` is given for training batches only: augmentation draws from it (and from
+        nothing else), so that a resumed run sees the same augmented batches."""
+        raise NotImplementedError
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms `loss_sum` adds up for this batch (examples by default)."""
+        return int(batch["labels"].shape[0])
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """(fp32 loss summed over the batch's units, predictions for metrics as CPU tensors/lists).
+
+        Called in the engine's autocast context; for evaluation under torch.no_grad.
+        """
+        raise NotImplementedError
+
+    def compute_metrics(self, predictions: list[Any], targets: list[Any], *, loss: float, report: bool) -> dict[str, Any]:
+        """Metrics of a whole split from the per-batch predictions and the batches' targets.
+
+        Args:
+            predictions: what loss_sum returned second, for each batch in order.
+            targets: batch["labels"] of each batch, in the same order (CPU).
+            loss: mean loss per unit over the split.
+            report: the full test report (per class P/R/F1, confusion matrix, calibration ...)
+                rather than the summary of `metrics`' keys.
+        """
+        raise NotImplementedError
+
+    def trained_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens that count as trained (OpenAI's trained_tokens): non-padding input tokens."""
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else 0
+
+    # --- export ----------------------------------------------------------------------------
+
+    def save(self, model: torch.nn.Module, processor: Any, out_dir: Path) -> None:
+        """Write a folder `from_pretrained` loads: weights (safetensors), config, processor."""
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+
+    # --- shared ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        split: Split,
+        *,
+        device: torch.device,
+        precision: Precision,
+        batch_size: int,
+        report: bool = False,
+    ) -> dict[str, Any]:
+        """Metrics of `model` on `split` (batches sorted by length, no augmentation)."""
+        was_training = model.training
+        model.eval()
+        loss_sum, units = 0.0, 0
+        predictions: list[Any] = []
+        targets: list[Any] = []
+        order = sorted(range(len(split)), key=lambda i: split.lengths[i])
+        for start in range(0, len(order), batch_size):
+            batch = self.collate(split, order[start : start + batch_size])
+            units += self.units(batch)
+            targets.append(batch["labels"])
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with precision.autocast(device):
+                loss, preds = self.loss_sum(model, batch)
+            loss_sum += float(loss)
+            predictions.append(preds)
+        model.train(was_training)
+        return self.compute_metrics(predictions, targets, loss=loss_sum / max(1, units), report=report)
