@@ -199,13 +199,22 @@ def model_object(m: Model) -> ModelObject:
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    inputs: list[str] = Field(..., min_length=1, max_length=64, description="Up to 64 texts.")
-    top_k: int = Field(1, ge=1, le=100, description="Labels returned per input, best first.")
+    inputs: list[str] = Field(..., min_length=1, max_length=64,
+                              description="Up to 64 texts (base64-encoded images for image-classification models).")
+    top_k: int = Field(1, ge=1, le=100, description="Classification: labels returned per input, best first.")
+    max_new_tokens: int = Field(64, ge=1, le=512, description="causal-lm: tokens generated per input (greedy).")
 
 
 class Prediction(BaseModel):
-    label: str
-    score: float
+    """One prediction; which fields are set depends on the model's task."""
+
+    label: str | None = Field(None, description="Class (classification) or entity type (token-classification).")
+    score: float | None = Field(None, description="Probability of the label.")
+    value: float | None = Field(None, description="Regression: the predicted number.")
+    word: str | None = Field(None, description="token-classification: the entity's text.")
+    start: int | None = Field(None, description="token-classification: character offset where the entity starts.")
+    end: int | None = Field(None, description="token-classification: character offset where it ends.")
+    generated_text: str | None = Field(None, description="causal-lm: the continuation of the prompt.")
 
 
 class PredictResponse(BaseModel):

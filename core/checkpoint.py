@@ -2,7 +2,7 @@
 
 A checkpoint folder holds the model weights (safetensors), optimizer/scheduler/scaler states, the
 RNG states of python, numpy and torch, and trainer_state.json (TrainState, which includes the
-sampler position, plus each callback's state). It is written to a temporary folder, fsynced and
+sampler position, each callback's state, and the run's reproducibility record). It is written to a temporary folder, fsynced and
 renamed, so a crash never leaves a half checkpoint under a final name.
 """
 
@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,45 +28,46 @@ TRAINING_FILE = "training_state.pt"  # optimizer, scheduler, scaler, RNG
 STATE_FILE = "trainer_state.json"
 
 
+@dataclass
+class TrainingParts:
+    """Everything a checkpoint saves and restores."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # core.optim.LRSchedule (state_dict/load_state_dict)
+    scaler: torch.amp.GradScaler | None
+    state: TrainState
+    callbacks: list[Callback]
+    extra: dict[str, Any]  # JSON-able facts a resume must match (task, labels, batch size, ...)
+    record: dict[str, Any] = field(default_factory=dict)  # the reproducibility record, kept, not compared
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def save_checkpoint(
-    root: Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler | None,
-    state: TrainState,
-    callbacks: list[Callback],
-    extra: dict[str, Any],
-) -> Path:
-    """Write a checkpoint for state.step under `root` atomically and return its folder.
-
-    Args:
-        extra: JSON-able facts a resume must match (labels, batch size, ...), kept in trainer_state.json.
-    """
+def save_checkpoint(root: Path, parts: TrainingParts) -> Path:
+    """Write a checkpoint for parts.state.step under `root` atomically and return its folder."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(state.step)
+    final = root / checkpoint_name(parts.state.step)
     tmp = root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))
+    save_model(parts.model, str(tmp / MODEL_FILE))
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
             "rng": _rng_state(),
         },
         tmp / TRAINING_FILE,
     )
     trainer_state = {
-        "state": state.state_dict(),
-        "callbacks": {type(cb).__name__: cb.state_dict() for cb in callbacks},
-        "extra": extra,
+        "state": parts.state.state_dict(),
+        "callbacks": {type(cb).__name__: cb.state_dict() for cb in parts.callbacks},
+        "extra": parts.extra,
+        "reproducibility": parts.record,
     }
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
     for file in tmp.iterdir():
@@ -78,22 +80,12 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler | None,
-    state: TrainState,
-    callbacks: list[Callback],
-    extra: dict[str, Any],
-) -> None:
+def load_checkpoint(path: Path, parts: TrainingParts) -> None:
     """Restore everything `save_checkpoint` wrote, in place.
 
     Raises:
         EngineError: code "invalid_checkpoint" (param resume_from) for a missing or incomplete folder,
-            or one written for a different job (labels, batch size, ... differ from `extra`).
+            or one written for a different job (labels, batch size, ... differ from parts.extra).
     """
     missing = [f for f in (MODEL_FILE, TRAINING_FILE, STATE_FILE) if not (path / f).is_file()]
     if missing:
@@ -103,25 +95,37 @@ def load_checkpoint(
             code="invalid_checkpoint",
         )
     saved = json.loads((path / STATE_FILE).read_text())
-    for key, value in extra.items():
+    for key, value in parts.extra.items():
         if saved["extra"].get(key) != value:
             raise EngineError(
                 f"Checkpoint {path} was written for a different job ({key}: {saved['extra'].get(key)!r} != {value!r}).",
                 param="resume_from",
                 code="invalid_checkpoint",
             )
-    load_model_weights(path, model)
+    load_model_weights(path, parts.model)
     # Our own file, but still never unpickle arbitrary objects.
     training = torch.load(path / TRAINING_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(training["optimizer"])
-    scheduler.load_state_dict(training["scheduler"])
-    if scaler is not None and training["scaler"] is not None:
-        scaler.load_state_dict(training["scaler"])
-    state.load_state_dict(saved["state"])
-    for cb in callbacks:
+    parts.optimizer.load_state_dict(training["optimizer"])
+    parts.scheduler.load_state_dict(training["scheduler"])
+    if parts.scaler is not None and training["scaler"] is not None:
+        parts.scaler.load_state_dict(training["scaler"])
+    parts.state.load_state_dict(saved["state"])
+    for cb in parts.callbacks:
         if type(cb).__name__ in saved["callbacks"]:
             cb.load_state_dict(saved["callbacks"][type(cb).__name__])
     _set_rng_state(training["rng"])
+
+
+def read_checkpoint_facts(path: Path) -> dict[str, Any]:
+    """The facts (task, labels, batch size, ...) a checkpoint was written with.
+
+    Raises:
+        EngineError: code "invalid_checkpoint" when the folder is not a complete checkpoint.
+    """
+    try:
+        return json.loads((path / STATE_FILE).read_text())["extra"]
+    except (OSError, ValueError, KeyError):
+        raise EngineError(f"{path} is not a complete checkpoint.", param="model", code="invalid_checkpoint") from None
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:

@@ -1,7 +1,7 @@
-"""From texts to padded batches: tokenization, dynamic padding and a length-grouped sampler.
+"""Which examples form each training batch: a length-grouped, resumable sampler.
 
-Examples are tokenized once without padding; each batch is padded only to its own longest example.
-With group_by_length, batches are drawn from random "mega-batches" sorted by length (as in
+Task adapters tokenize examples once without padding and pad each batch only to its own longest
+example (core.tasks). With group_by_length, batches are drawn from random "mega-batches" sorted by length (as in
 transformers' LengthGroupedSampler), so examples of similar length share a batch and padding, the
 main waste on CPU, nearly vanishes, while batch order stays random. An epoch's batches depend only
 on (seed, epoch), so a position (epoch, batch index) is enough to resume mid-epoch.
@@ -10,63 +10,8 @@ on (seed, epoch), so a position (epoch, batch index) is enough to resume mid-epo
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-
-import torch
 
 MEGABATCH_FACTOR = 50  # transformers' LengthGroupedSampler default
-
-
-@dataclass
-class Encoded:
-    """A tokenized split: unpadded token ids per example and class ids."""
-
-    features: dict[str, list[list[int]]]  # input_ids, attention_mask, token_type_ids (if the model uses them)
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.features["input_ids"]]
-
-
-def encode(tokenizer, texts: list[str], labels: list[int], *, max_length: int, truncation_side: str) -> Encoded:
-    """Tokenize texts with truncation to max_length (cutting on truncation_side), without padding.
-
-    Args:
-        tokenizer: a fast tokenizer.
-        texts: the inputs.
-        labels: class ids, one per text.
-        max_length: tokens per example, special tokens included.
-        truncation_side: "right" or "left".
-    """
-    tokenizer.truncation_side = truncation_side
-    batch = tokenizer(
-        texts, truncation=True, max_length=max_length, padding=False, return_attention_mask=True
-    )
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch]
-    return Encoded(features={k: list(batch[k]) for k in keys}, labels=list(labels))
-
-
-def collate(
-    data: Encoded, indices: list[int], *, pad_token_id: int, pad_to_multiple_of: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Pad the examples at `indices` to the batch's longest one (right padding).
-
-    Returns:
-        A dict of LongTensors: input_ids, attention_mask, token_type_ids (when present) and labels.
-    """
-    longest = max(len(data.features["input_ids"][i]) for i in indices)
-    if pad_to_multiple_of:
-        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    batch: dict[str, torch.Tensor] = {}
-    for key, rows in data.features.items():
-        pad = pad_token_id if key == "input_ids" else 0
-        batch[key] = torch.tensor([rows[i] + [pad] * (longest - len(rows[i])) for i in indices], dtype=torch.long)
-    batch["labels"] = torch.tensor([data.labels[i] for i in indices], dtype=torch.long)
-    return batch
 
 
 class BatchSampler:
@@ -109,9 +54,3 @@ class BatchSampler:
     def batches_from(self, epoch: int, batch_index: int) -> list[list[int]]:
         """The batches of `epoch` still to train after `batch_index` of them (resume)."""
         return self.batches(epoch)[batch_index:]
-
-
-def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Batches for evaluation: sorted by length (least padding); order does not matter there."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,9 +1,11 @@
-"""The fine-tuning engine: one explicit training loop, top to bottom.
+"""The fine-tuning engine: one explicit training loop, top to bottom, for every task.
 
-`run` validates the data, builds the parts (model, optimizer, scheduler, sampler, callbacks) with
-small build_* functions, trains, and exports. Clipping, accumulation and scheduler steps are in the
-loop; everything that is not the math (evaluation and checkpoint scheduling, early stopping,
-reporting, cancellation) is a callback acting through the Control flags.
+`run` asks the task's adapter (core.tasks) for the data, the model and the loss, applies the model
+surgery of the spec (core.surgery: dropout, freezing, LoRA, gradient checkpointing), builds the
+optimizer and schedule (core.optim), trains, and exports. Accumulation, the L1 term, clipping and
+scheduler steps are in the loop; everything that is not the math (evaluation and checkpoint
+scheduling, early stopping, gradual unfreezing, reporting, cancellation) is a callback acting
+through the Control flags.
 """
 
 from __future__ import annotations
@@ -13,15 +15,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from transformers import get_scheduler
 
-from core import formats
 from core.callbacks import (
     Callback,
     CheckpointSchedule,
@@ -32,15 +32,25 @@ from core.callbacks import (
     StopRequest,
     TrainState,
 )
-from core.checkpoint import checkpoint_name, load_checkpoint, load_model_weights, rotate_checkpoints, save_checkpoint
-from core.data import BatchSampler, Encoded, collate, encode, eval_batches
+from core.checkpoint import (
+    TrainingParts,
+    checkpoint_name,
+    load_checkpoint,
+    load_model_weights,
+    read_checkpoint_facts,
+    rotate_checkpoints,
+    save_checkpoint,
+)
+from core.data import BatchSampler
+from core.datasets import infer_task
 from core.device import Precision, is_out_of_memory, resolve_device, resolve_precision
 from core.errors import EngineError, OutOfMemoryError
-from core.export import export_model, pack_archive
-from core.metrics import classification_metrics, classification_report
-from core.models import load_classifier, load_tokenizer
+from core.export import export_model, pack_archive, reproducibility_record
+from core.optim import build_optimizer, build_scheduler, clip_gradients, decayed_parameters, l1_penalty
 from core.sink import MetricsSink
-from core.spec import CLASSIFICATION_METRICS, JobSpec, OptimizerConfig, SchedulerConfig, Task
+from core.spec import JobSpec, Task, TrainingConfig
+from core.surgery import GradualUnfreezing, prepare_model
+from core.tasks import DataFiles, TaskAdapter, TaskData, adapter_for
 
 KEEP_LAST_CHECKPOINTS = 2
 
@@ -52,7 +62,8 @@ class RunPaths:
     validation_file: Path | None
     test_file: Path | None
     work_dir: Path  # engine writes checkpoints/ and output/ under it
-    resume_from: Path | None = None  # a checkpoint folder this engine wrote earlier
+    resume_from: Path | None = None  # a checkpoint folder of this job's own run to continue
+    init_from: Path | None = None  # a checkpoint folder of an earlier job whose weights this one starts from
 
 
 @dataclass
@@ -64,14 +75,6 @@ class RunResult:
     metrics: dict  # {"latest", "best", "test", "baseline_test"}
     stopped_early: bool
     cancelled: bool
-
-
-@dataclass
-class Splits:
-    labels: list[str]
-    train: Encoded
-    validation: Encoded | None
-    test: Encoded | None
 
 
 def run(
@@ -119,67 +122,88 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
     device = resolve_device(cfg)
     precision = resolve_precision(cfg, device)
     seed_everything(spec.seed)
-    tokenizer = load_tokenizer(paths.model)
-    splits = build_splits(spec, paths, tokenizer)
-    model = load_classifier(paths.model, labels=splits.labels, pad_token_id=tokenizer.pad_token_id).to(device)
-    sink.event(
-        f"Training {spec.model} on {len(splits.train)} examples, {len(splits.labels)} labels, "
-        f"{device.type}, {precision.name}."
-    )
+    task = spec.task or infer_task(paths.train_file, cfg)
+    adapter = adapter_for(task, spec)
+    processor = adapter.load_processor(paths.model)
+    data = adapter.prepare(DataFiles(paths.train_file, paths.validation_file, paths.test_file), processor)
+    metric, greater_is_better = check_metrics(adapter, cfg)
+    model = adapter.build_model(paths.model, data, processor)
+    model, layers, frozen = prepare_model(model, cfg, task=task)
+    if paths.init_from is not None and paths.resume_from is None:
+        start_from_checkpoint(Path(paths.init_from), model, task=task, labels=data.labels)
+        sink.event(f"Starting from the weights of checkpoint {Path(paths.init_from).name}.")
+    model.to(device)
+    sink.event(_describe(spec, task, data, model, device, precision), data=_balance(data))
 
-    batch_size, n_epochs = spec.batch_size(len(splits.train)), spec.n_epochs()
+    batch_size, n_epochs = spec.batch_size(len(data.train)), spec.n_epochs()
     accum = cfg.gradient_accumulation_steps
-    sampler = BatchSampler(splits.train.lengths, batch_size=batch_size, seed=spec.seed, group_by_length=cfg.group_by_length)
+    sampler = BatchSampler(data.train.lengths, batch_size=batch_size, seed=spec.seed, group_by_length=cfg.group_by_length)
     steps_per_epoch = math.ceil(len(sampler) / accum)
     max_steps = n_epochs * steps_per_epoch
-    optimizer = build_optimizer(model, cfg.optimizer, lr=spec.learning_rate())
-    scheduler = build_scheduler(optimizer, cfg.scheduler, max_steps=max_steps)
+    optimizer = build_optimizer(model, cfg.optimizer, lr=spec.learning_rate(task))
+    scheduler = build_scheduler(optimizer, cfg.scheduler, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
+    decayed = decayed_parameters(optimizer) if cfg.optimizer.l1_penalty > 0 else []
     scaler = precision.grad_scaler(device)
     state = TrainState(max_steps=max_steps, steps_per_epoch=steps_per_epoch, batches_per_epoch=len(sampler))
     control = Control()
-    callbacks = build_callbacks(spec, sink, should_stop, has_validation=splits.validation is not None)
+    callbacks = build_callbacks(spec, sink, should_stop, task_metrics=adapter.metrics,
+                                has_validation=data.validation is not None)
+    if cfg.freeze.gradual_unfreezing is not None:
+        callbacks.insert(0, GradualUnfreezing(model, layers, cfg.freeze.gradual_unfreezing, frozen))
     callbacks += extra_callbacks
-    evaluate = _Evaluator(model, device, precision, batch_size=max(batch_size, 32), pad_token_id=tokenizer.pad_token_id)
+    evaluate = partial(adapter.evaluate, model, device=device, precision=precision, batch_size=max(batch_size, 32))
     checkpoints = paths.work_dir / "checkpoints"
-    facts = {"labels": splits.labels, "batch_size": batch_size, "accumulation": accum, "max_steps": max_steps}
-    parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state, callbacks=callbacks, extra=facts)
+    facts = {"task": str(task), "labels": data.labels, "batch_size": batch_size, "accumulation": accum,
+             "max_steps": max_steps}
+    record = reproducibility_record(
+        spec, task=task, device=device.type, precision=precision.name,
+        files={"training_file": paths.train_file, "validation_file": paths.validation_file, "test_file": paths.test_file},
+    )
+    parts = TrainingParts(model, optimizer, scheduler, scaler, state, callbacks, facts, record)
 
     if paths.resume_from is not None:
-        load_checkpoint(Path(paths.resume_from), **parts)
+        load_checkpoint(Path(paths.resume_from), parts)
         sink.event(f"Resumed from checkpoint at step {state.step}.")
-    elif splits.test is not None:
-        state.baseline_test = evaluate(splits.test)
+    elif data.test is not None:
+        state.baseline_test = evaluate(data.test)
         sink.metrics(0, state.baseline_test, split="baseline_test")
         sink.event("Test set before training (base model, fresh head): " + _fmt(state.baseline_test))
 
-    metric = cfg.metric_for_best_model
-    pad_id = tokenizer.pad_token_id
+    trainable = [p for p in model.parameters() if p.requires_grad or p in _all_params(optimizer)]
     pad_multiple = 8 if device.type == "cuda" else None  # tensor cores like multiples of 8
     for cb in callbacks:
         cb.on_train_begin(state, control)
     model.train()
     while state.epoch < n_epochs and not control.should_stop:
         batches = sampler.batches(state.epoch)
-        groups = [batches[i : i + accum] for i in range(0, len(batches), accum)]
-        for group in groups[state.batch_in_epoch // accum :]:
+        first = state.batch_in_epoch
+        for start in range(first - first % accum, len(batches), accum):
             started = time.perf_counter()
-            n_examples = sum(len(indices) for indices in group)
+            group = [
+                adapter.collate(data.train, batches[b], rng=batch_rng(spec.seed, state.epoch, b),
+                                pad_to_multiple_of=pad_multiple)
+                for b in range(start, min(start + accum, len(batches)))
+            ]
+            n_examples = sum(len(batches[b]) for b in range(start, start + len(group)))
+            # Each micro-batch's summed loss over the units of the whole step: accumulation == one big batch.
+            units = max(1, sum(adapter.units(batch) for batch in group))
             step_loss = 0.0
-            for indices in group:
-                batch = _to(collate(splits.train, indices, pad_token_id=pad_id, pad_to_multiple_of=pad_multiple), device)
-                labels = batch.pop("labels")
+            for batch in group:
+                state.trained_tokens += adapter.trained_tokens(batch)
+                batch = _to(batch, device)
                 with precision.autocast(device):
-                    logits = model(**batch).logits
-                # Sum over the micro-batch / examples in the whole step: accumulation == one big batch.
-                loss = F.cross_entropy(logits.float(), labels, reduction="sum") / n_examples
+                    loss_sum, _ = adapter.loss_sum(model, batch)
+                loss = loss_sum / units
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += loss.item()
-                state.trained_tokens += int(batch["attention_mask"].sum())
+            if decayed:
+                penalty = l1_penalty(decayed, cfg.optimizer.l1_penalty)
+                (scaler.scale(penalty) if scaler else penalty).backward()
+                step_loss += penalty.item()
             if scaler:
                 scaler.unscale_(optimizer)
-            # With clipping off, an infinite threshold still measures the norm for reporting.
-            state.grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf))
-            state.lr = scheduler.get_last_lr()[0]
+            state.grad_norm = clip_gradients(trainable, max_norm=cfg.max_grad_norm, max_value=cfg.max_grad_value)
+            state.lr = max(scheduler.get_last_lr())
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -191,22 +215,23 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
             state.step += 1
             state.loss = step_loss
             state.samples_seen += n_examples
-            state.batch_in_epoch += len(group)
+            state.batch_in_epoch = start + len(group)
             if state.batch_in_epoch == len(batches):
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             state.train_seconds += time.perf_counter() - started
             control.reset()
             for cb in callbacks:
                 cb.on_step_end(state, control)
-            if control.should_evaluate and splits.validation is not None:
-                metrics = evaluate(splits.validation)
-                state.record_evaluation(metrics, metric=metric, greater_is_better=CLASSIFICATION_METRICS[metric])
+            if control.should_evaluate and data.validation is not None:
+                metrics = evaluate(data.validation)
+                state.record_evaluation(metrics, metric=metric, greater_is_better=greater_is_better)
+                scheduler.on_evaluate(metrics[metric], greater_is_better=greater_is_better)
                 for cb in callbacks:
                     cb.on_evaluate(state, control, metrics)
             if control.should_save:
                 if state.best_step == state.step:
                     state.best_checkpoint = checkpoint_name(state.step)
-                path = save_checkpoint(checkpoints, **parts)
+                path = save_checkpoint(checkpoints, parts)
                 rotate_checkpoints(checkpoints, keep_last=KEEP_LAST_CHECKPOINTS, keep={state.best_checkpoint or ""})
                 evaluated = state.last_eval_step == state.step and state.latest_metrics
                 sink.checkpoint(state.step, path, state.latest_metrics if evaluated else {"train_loss": state.loss})
@@ -215,7 +240,7 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
 
     for cb in callbacks:
         cb.on_train_end(state, control)
-    hyperparameters = spec.resolved_hyperparameters(len(splits.train))
+    hyperparameters = spec.resolved_hyperparameters(len(data.train), task)
     metrics: dict[str, Any] = {
         "latest": state.latest_metrics,
         "best": state.best_metrics,
@@ -227,7 +252,7 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
         sink.event(f"Stopped at step {state.step} on request; checkpoint saved, nothing exported.")
         return RunResult(None, None, state.trained_tokens, hyperparameters, metrics, state.stopped_early, True)
     if state.stopped_early:
-        sink.event(f"Stopped early at step {state.step}: {metric} did not improve.")
+        sink.event(f"Stopped early at step {state.step}: the validation metric did not improve.")
 
     if cfg.load_best_model_at_end and state.best_checkpoint and state.best_step != state.step:
         # A best saved before a resume may lie next to the checkpoint resumed from.
@@ -240,25 +265,68 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
         else:
             load_model_weights(best, model)
             sink.event(f"Loaded the best weights (step {state.best_step}, {metric}={state.best_metric:.4f}).")
-    if splits.test is not None:
-        metrics["test"] = evaluate(splits.test, label_names=splits.labels)
+    if data.test is not None:
+        metrics["test"] = evaluate(data.test, report=True)
         sink.metrics(state.step, _scalars(metrics["test"]), split="test")
         sink.event("Test set after training: " + _fmt(metrics["test"]), data=metrics["test"])
 
     model_dir = export_model(
+        lambda m, out: adapter.save(m, processor, out),
         model,
-        tokenizer,
         paths.work_dir / "output" / "model",
+        lora=cfg.lora,
         spec=spec,
-        files={"training_file": paths.train_file, "validation_file": paths.validation_file, "test_file": paths.test_file},
         hyperparameters=hyperparameters,
-        device=device.type,
-        precision=precision.name,
+        record=record,
         report={k: metrics[k] for k in ("best", "latest", "test", "baseline_test")} | {"best_step": state.best_step},
     )
     archive = pack_archive(model_dir, paths.work_dir / "output" / "model.tar")
     sink.event(f"Exported the model ({state.trained_tokens} trained tokens).")
     return RunResult(model_dir, archive, state.trained_tokens, hyperparameters, metrics, state.stopped_early, False)
+
+
+def start_from_checkpoint(path: Path, model: torch.nn.Module, *, task: Task, labels: list[str] | None) -> None:
+    """Load an earlier job's checkpoint weights into `model` (built the same way: same task,
+    labels, head and LoRA settings).
+
+    Raises:
+        EngineError: param "model", code "invalid_model": a checkpoint of another task or label
+            set, or weights that do not fit this job's model.
+    """
+    facts = read_checkpoint_facts(path)
+    for key, mine in (("task", str(task)), ("labels", labels)):
+        if key in facts and facts[key] != mine:
+            raise EngineError(f"Checkpoint {path.name} was trained with {key} {facts[key]!r}, this job has {mine!r}.",
+                              param="model", code="invalid_model")
+    try:
+        load_model_weights(path, model)
+    except (RuntimeError, KeyError) as e:
+        raise EngineError(f"Checkpoint {path.name} does not fit this job's model (use the same config.head and "
+                          f"config.lora as its job): {str(e)[:300]}", param="model", code="invalid_model") from None
+
+
+def check_metrics(adapter: TaskAdapter, cfg: TrainingConfig) -> tuple[str, bool]:
+    """(metric_for_best_model, whether larger is better), checked against what the task reports.
+
+    Raises:
+        EngineError: metric_for_best_model or early_stopping.metric is not one of the task's metrics.
+    """
+    checks = [("config.metric_for_best_model", cfg.metric_for_best_model)]
+    if cfg.early_stopping is not None and cfg.early_stopping.metric is not None:
+        checks.append(("config.early_stopping.metric", cfg.early_stopping.metric))
+    for param, name in checks:
+        if name not in adapter.metrics:
+            raise EngineError(
+                f"{name!r} is not a metric of this {adapter.task} job; choose one of {', '.join(adapter.metrics)}.",
+                param=param,
+            )
+    return cfg.metric_for_best_model, adapter.metrics[cfg.metric_for_best_model]
+
+
+def batch_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
+    """The random source of one training batch's augmentation: a function of its position only,
+    so that a resumed run draws exactly what an uninterrupted one would."""
+    return np.random.default_rng([seed, epoch, batch])
 
 
 def seed_everything(seed: int) -> None:
@@ -267,115 +335,52 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # all devices
 
 
-def build_splits(spec: JobSpec, paths: RunPaths, tokenizer) -> Splits:
-    """Validate all datasets (labels of validation/test must be in train) and tokenize them.
+def build_callbacks(
+    spec: JobSpec, sink: MetricsSink, should_stop, *, task_metrics: dict[str, bool], has_validation: bool
+) -> list[Callback]:
+    """The built-in callbacks for the spec: schedules, early stopping, reporting, stop requests.
 
-    Raises:
-        DataError: as core.formats, or fewer than two labels in the training file.
-        EngineError: a task other than text-classification.
+    Args:
+        task_metrics: the task's validation metrics and whether larger is better (adapter.metrics).
     """
-    cfg = spec.config
-    columns = dict(text_column=cfg.text_column, label_column=cfg.label_column)
-    info = formats.inspect_dataset(paths.train_file, param="training_file", **columns)
-    task = spec.task or info.task
-    if task != Task.TEXT_CLASSIFICATION:
-        raise EngineError(f"Task {task!r} is not supported.", param="task", code="unsupported_task")
-    formats.check_trainable(info)
-    label_ids = {label: i for i, label in enumerate(info.labels)}
-
-    def load(path: Path | None, param: str) -> Encoded | None:
-        if path is None:
-            return None
-        if param != "training_file":
-            formats.check_labels(info, formats.inspect_dataset(path, param=param, **columns), param=param)
-        texts, labels = formats.read_examples(path, param=param, **columns)
-        ids = [label_ids[label] for label in labels]
-        return encode(tokenizer, texts, ids, max_length=cfg.max_length, truncation_side=cfg.truncation_side)
-
-    return Splits(
-        labels=info.labels,
-        train=load(paths.train_file, "training_file"),
-        validation=load(paths.validation_file, "validation_file"),
-        test=load(paths.test_file, "test_file"),
-    )
-
-
-def build_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two groups: decayed matrices; biases and norm weights (1-D) undecayed."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(model: torch.nn.Module, config: OptimizerConfig, *, lr: float) -> torch.optim.Optimizer:
-    """AdamW over `build_param_groups`, fused into one kernel on CPU and CUDA.
-
-    torch's default AdamW on CPU loops over the tensors one by one: for MiniLM-L6 that is ~90 ms a
-    step against ~16 ms fused, a quarter of a batch-32 bf16 step (bench/engine_vs_trainer.py).
-    The fused kernel is the same algorithm; transformers' Trainer uses it by default as well.
-    """
-    groups = build_param_groups(model, config.weight_decay)
-    params = [p for group in groups for p in group["params"]]
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=fused or None)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, config: SchedulerConfig, *, max_steps: int):
-    """transformers.get_scheduler with warmup from warmup_steps, else ceil(warmup_ratio x max_steps)."""
-    warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * max_steps)
-    name = "constant_with_warmup" if config.name == "constant" else config.name
-    return get_scheduler(name, optimizer, num_warmup_steps=min(warmup, max_steps), num_training_steps=max_steps)
-
-
-def build_callbacks(spec: JobSpec, sink: MetricsSink, should_stop, *, has_validation: bool) -> list[Callback]:
-    """The built-in callbacks for the spec: schedules, early stopping, reporting, stop requests."""
     cfg = spec.config
     callbacks: list[Callback] = [
         EvaluationSchedule(cfg.eval_every_steps),
         CheckpointSchedule(cfg.checkpoint_every_steps, keep_best=cfg.load_best_model_at_end and has_validation),
     ]
-    if cfg.early_stopping is not None and not has_validation:
+    stopping = cfg.early_stopping
+    if stopping is not None and not has_validation:
         sink.event("early_stopping needs a validation file; it is off for this job.", level="warning")
-    if cfg.early_stopping is not None and has_validation:
+    if stopping is not None and has_validation:
+        metric = stopping.metric or cfg.metric_for_best_model
+        greater = task_metrics[metric] if stopping.mode == "auto" else stopping.mode == "max"
         callbacks.append(
-            EarlyStopping(
-                cfg.metric_for_best_model,
-                greater_is_better=CLASSIFICATION_METRICS[cfg.metric_for_best_model],
-                patience=cfg.early_stopping.patience,
-                min_delta=cfg.early_stopping.min_delta,
-            )
+            EarlyStopping(metric, greater_is_better=greater, patience=stopping.patience, min_delta=stopping.min_delta)
         )
     callbacks += [ProgressReporter(sink, every_steps=10), StopRequest(should_stop)]
     return callbacks
 
 
-class _Evaluator:
-    """Loss/accuracy/F1 of the model on a split (the full report when label names are given)."""
+def _describe(spec: JobSpec, task: Task, data: TaskData, model: torch.nn.Module, device, precision: Precision) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    labels = f", {len(data.labels)} labels" if data.labels and task != Task.CAUSAL_LM else ""
+    return (
+        f"Training {spec.model} for {task} on {len(data.train)} examples{labels}; "
+        f"{trainable:,} of {total:,} parameters trainable; {device.type}, {precision.name}."
+    )
 
-    def __init__(self, model, device: torch.device, precision: Precision, *, batch_size: int, pad_token_id: int):
-        self.model, self.device, self.precision = model, device, precision
-        self.batch_size, self.pad_token_id = batch_size, pad_token_id
 
-    @torch.no_grad()
-    def __call__(self, data: Encoded, *, label_names: list[str] | None = None) -> dict[str, Any]:
-        was_training = self.model.training
-        self.model.eval()
-        loss_sum, labels, preds = 0.0, [], []
-        for indices in eval_batches(data.lengths, self.batch_size):
-            batch = _to(collate(data, indices, pad_token_id=self.pad_token_id), self.device)
-            target = batch.pop("labels")
-            with self.precision.autocast(self.device):
-                logits = self.model(**batch).logits.float()
-            loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
-            labels += target.tolist()
-            preds += logits.argmax(-1).tolist()
-        self.model.train(was_training)
-        loss = loss_sum / len(data)
-        if label_names is None:
-            return classification_metrics(labels, preds, loss=loss)
-        return classification_report(labels, preds, label_names=label_names, loss=loss)
+def _balance(data: TaskData) -> dict[str, Any]:
+    """The class balance report: label counts and rows of every split."""
+    return {
+        param: {"rows": s.rows, "label_counts": s.label_counts, **s.details}
+        for param, s in data.summaries.items()
+    }
+
+
+def _all_params(optimizer: torch.optim.Optimizer) -> set[torch.nn.Parameter]:
+    return {p for group in optimizer.param_groups for p in group["params"]}
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

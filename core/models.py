@@ -64,7 +64,13 @@ def load_tokenizer(model: str):
     return tokenizer
 
 
-def load_classifier(model: str, *, labels: list[str], pad_token_id: int | None = None):
+def load_classifier(
+    model: str,
+    *,
+    labels: list[str],
+    pad_token_id: int | None = None,
+    problem_type: str = "single_label_classification",
+):
     """AutoModelForSequenceClassification with a head for `labels` (fp32 weights).
 
     A base that is already a classifier with a different label count gets a fresh head
@@ -72,8 +78,9 @@ def load_classifier(model: str, *, labels: list[str], pad_token_id: int | None =
 
     Args:
         model: a local HF folder or a hub id.
-        labels: class names in id order.
+        labels: class names in id order (one output each); ["value"] for regression.
         pad_token_id: written to the config when the model has none (needed to pool padded batches).
+        problem_type: transformers' single_label_classification, multi_label_classification or regression.
 
     Raises:
         ModelError: model_not_found, or invalid_model for an unsupported or broken model.
@@ -88,7 +95,7 @@ def load_classifier(model: str, *, labels: list[str], pad_token_id: int | None =
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
-            problem_type="single_label_classification",
+            problem_type=problem_type,
             use_safetensors=True,
             trust_remote_code=False,
             ignore_mismatched_sizes=True,
@@ -109,24 +116,3 @@ def _load_error(model: str, error: OSError) -> ModelError:
     if isinstance(model, str) and Path(model).expanduser().is_dir():
         return ModelError(f"Cannot load {model!r}: {error}", param="model", code="invalid_model")
     return ModelError(f"Model {model!r} not found or not reachable: {error}", param="model", code="model_not_found")
-
-
-def load_classifier_for_inference(model_dir: Path):
-    """(tokenizer, model in eval mode) of an exported classifier folder, labels from its config.
-
-    Raises:
-        ModelError: as `check_model_source`, or an unloadable folder.
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    if not Path(model_dir).is_dir():
-        raise ModelError(f"Model folder {str(model_dir)!r} not found.", param="model", code="model_not_found")
-    check_model_source(str(model_dir))
-    tokenizer = load_tokenizer(str(model_dir))
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), use_safetensors=True, trust_remote_code=False
-        )
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"Cannot load {str(model_dir)!r}: {e}", param="model", code="invalid_model") from None
-    return tokenizer, model.eval()

@@ -1,68 +1,188 @@
 """Predictions from an exported model, in-process or as a subprocess for the torch-free API.
 
-CLI: `python -m core.predict MODEL_DIR` reads {"inputs": [...], "top_k": N} on stdin and writes
-{"predictions": [[{"label", "score"}, ...], ...]} on stdout; on failure {"error": {...}}, exit 1.
+CLI: `python -m core.predict MODEL_DIR` reads {"inputs": [...], "top_k": N, "max_new_tokens": M} on
+stdin and writes {"predictions": [[{...}, ...], ...]} on stdout (one list per input); on failure
+{"error": {...}}, exit 1.
+
+Each task goes through its transformers pipeline, on the model loaded the way it was exported
+(custom heads rebuilt from config.lathe_head):
+
+    text-classification   [{"label", "score"}] best first (softmax; sigmoid per label for multi-label);
+                          regression: [{"value"}]
+    token-classification  [{"label", "word", "start", "end", "score"}] per entity (grouped sub-tokens)
+    causal-lm             [{"generated_text"}] (greedy continuation of the prompt; chat template applied)
+    image-classification  [{"label", "score"}]; inputs are base64 images (data: URLs allowed)
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from core.errors import EngineError
+from core.errors import EngineError, ModelError
 
 BATCH_SIZE = 32
+MAX_NEW_TOKENS = 64
 
 
-def predict(model_dir: Path, inputs: list[str], *, top_k: int = 1, max_length: int | None = None) -> list[list[dict]]:
-    """Class probabilities for each input, best first.
+def predict(
+    model_dir: Path,
+    inputs: list[str],
+    *,
+    top_k: int = 1,
+    max_length: int | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> list[list[dict[str, Any]]]:
+    """Predictions for each input.
 
     Args:
-        model_dir: an exported model folder (safetensors weights).
-        inputs: the texts.
-        top_k: how many labels per input (capped at the number of labels).
-        max_length: truncate inputs to this many tokens; default: the job's config.max_length
-            from lathe_job.json, else the tokenizer's limit.
+        model_dir: an exported model folder (safetensors weights, lathe_job.json).
+        inputs: texts (base64 images for image-classification).
+        top_k: labels per input for classification (capped at the number of labels).
+        max_length: truncate inputs to this many tokens; default the job's config.max_length.
+        max_new_tokens: causal-lm: tokens generated per input.
 
     Returns:
-        One list per input of {"label": str, "score": float}.
+        One list of dicts per input (see the module docstring for their keys per task).
 
     Raises:
         ModelError: the folder is missing or not a loadable safetensors model.
-        EngineError: bad inputs (not a list of strings, top_k < 1).
+        EngineError: bad inputs (not a list of strings, top_k < 1, undecodable image).
     """
-    import torch
-
-    from core.models import load_classifier_for_inference
-
     if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
         raise EngineError("inputs must be a list of strings.", param="inputs")
-    if not isinstance(top_k, int) or top_k < 1:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise EngineError("top_k must be a positive integer.", param="top_k")
-    tokenizer, model = load_classifier_for_inference(Path(model_dir))
-    max_length = max_length or _job_max_length(Path(model_dir)) or min(tokenizer.model_max_length, 512)
-    id2label = model.config.id2label
-    k = min(top_k, len(id2label))
-    results: list[list[dict]] = []
-    with torch.inference_mode():
-        for start in range(0, len(inputs), BATCH_SIZE):
-            batch = tokenizer(
-                inputs[start : start + BATCH_SIZE], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-            )
-            probs = model(**batch).logits.float().softmax(-1)
-            scores, ids = probs.topk(k, dim=-1)
-            for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):
-                results.append([{"label": id2label[i], "score": s} for s, i in zip(row_scores, row_ids)])
+    model_dir = Path(model_dir)
+    job = _job(model_dir)
+    task = job.get("reproducibility", {}).get("task") or job.get("spec", {}).get("task") or "text-classification"
+    max_length = max_length or job.get("spec", {}).get("config", {}).get("max_length")
+    processor, model = load_for_inference(model_dir, task)
+    if task == "token-classification":
+        return _entities(model, processor, inputs, max_length=max_length)
+    if task == "causal-lm":
+        return _generate(model, processor, inputs, max_new_tokens=max_new_tokens)
+    if task == "image-classification":
+        return _classify_images(model, processor, inputs, top_k=top_k)
+    return _classify_texts(model, processor, inputs, top_k=top_k, max_length=max_length)
+
+
+def load_for_inference(model_dir: Path, task: str) -> tuple[Any, Any]:
+    """(tokenizer or image processor, model in eval mode) of an exported folder.
+
+    Raises:
+        ModelError: model_not_found or invalid_model.
+    """
+    import transformers
+
+    from core.models import check_model_source, load_tokenizer
+    from core.surgery import restore_head
+
+    if not model_dir.is_dir():
+        raise ModelError(f"Model folder {str(model_dir)!r} not found.", param="model", code="model_not_found")
+    check_model_source(str(model_dir))
+    auto = {
+        "text-classification": transformers.AutoModelForSequenceClassification,
+        "token-classification": transformers.AutoModelForTokenClassification,
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "image-classification": transformers.AutoModelForImageClassification,
+    }[task]
+    try:
+        if task == "image-classification":
+            processor = transformers.AutoImageProcessor.from_pretrained(str(model_dir))
+        else:
+            processor = load_tokenizer(str(model_dir))
+        config = transformers.AutoConfig.from_pretrained(str(model_dir))
+        if getattr(config, "lathe_head", None):
+            # A custom head: build the architecture, put the head in, then load every weight.
+            from safetensors.torch import load_model
+
+            model = auto.from_config(config)
+            restore_head(model)
+            load_model(model, str(model_dir / "model.safetensors"))
+        else:
+            model = auto.from_pretrained(str(model_dir), use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"Cannot load {str(model_dir)!r}: {e}", param="model", code="invalid_model") from None
+    return processor, model.eval()
+
+
+def _classify_texts(model, tokenizer, inputs: list[str], *, top_k: int, max_length: int | None) -> list[list[dict]]:
+    from transformers import pipeline
+
+    problem = model.config.problem_type
+    if problem == "regression":
+        pipe = pipeline("text-classification", model=model, tokenizer=tokenizer, function_to_apply="none", top_k=1)
+        out = pipe(inputs, batch_size=BATCH_SIZE, truncation=True, max_length=_cap(tokenizer, max_length))
+        return [[{"value": float(row[0]["score"])}] for row in out]
+    function = "sigmoid" if problem == "multi_label_classification" else "softmax"
+    pipe = pipeline("text-classification", model=model, tokenizer=tokenizer, function_to_apply=function,
+                    top_k=min(top_k, model.config.num_labels))
+    out = pipe(inputs, batch_size=BATCH_SIZE, truncation=True, max_length=_cap(tokenizer, max_length))
+    return [[{"label": r["label"], "score": float(r["score"])} for r in row] for row in out]
+
+
+def _entities(model, tokenizer, inputs: list[str], *, max_length: int | None) -> list[list[dict]]:
+    from transformers import pipeline
+
+    pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy="simple")
+    out = pipe(inputs, batch_size=BATCH_SIZE)
+    return [
+        [{"label": e["entity_group"], "word": e["word"], "start": int(e["start"]), "end": int(e["end"]),
+          "score": float(e["score"])} for e in row]
+        for row in out
+    ]
+
+
+def _generate(model, tokenizer, inputs: list[str], *, max_new_tokens: int) -> list[list[dict]]:
+    import torch
+
+    results = []
+    for prompt in inputs:
+        if tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)
+        else:
+            ids = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        results.append([{"generated_text": text}])
     return results
 
 
-def _job_max_length(model_dir: Path) -> int | None:
+def _classify_images(model, processor, inputs: list[str], *, top_k: int) -> list[list[dict]]:
+    from PIL import Image, UnidentifiedImageError
+    from transformers import pipeline
+
+    images = []
+    for i, value in enumerate(inputs):
+        data = value.split(",", 1)[1] if value.startswith("data:") else value
+        try:
+            images.append(Image.open(io.BytesIO(base64.b64decode(data, validate=True))).convert("RGB"))
+        except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+            raise EngineError(f"inputs[{i}] is not a base64-encoded image.", param="inputs") from None
+    pipe = pipeline("image-classification", model=model, image_processor=processor,
+                    top_k=min(top_k, model.config.num_labels))
+    out = pipe(images, batch_size=BATCH_SIZE)
+    return [[{"label": r["label"], "score": float(r["score"])} for r in row] for row in out]
+
+
+def _cap(tokenizer, max_length: int | None) -> int:
+    return int(max_length or min(tokenizer.model_max_length, 512))
+
+
+def _job(model_dir: Path) -> dict[str, Any]:
     try:
-        job = json.loads((model_dir / "lathe_job.json").read_text())
-        return int(job["spec"]["config"]["max_length"])
-    except (OSError, KeyError, ValueError, TypeError):
-        return None
+        return json.loads((model_dir / "lathe_job.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             raise EngineError(f"The request is not valid JSON: {e}") from None
         if not isinstance(request, dict) or "inputs" not in request:
             raise EngineError('The request must be a JSON object with "inputs".', param="inputs")
-        predictions = predict(Path(argv[0]), request["inputs"], top_k=request.get("top_k", 1))
+        predictions = predict(Path(argv[0]), request["inputs"], top_k=request.get("top_k", 1),
+                              max_new_tokens=request.get("max_new_tokens", MAX_NEW_TOKENS))
     except EngineError as e:
         json.dump({"error": e.to_dict()}, sys.stdout)
         return 1

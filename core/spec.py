@@ -324,6 +324,12 @@ class TrainingConfig(_Strict):
     )
 
     @model_validator(mode="after")
+    def _check_combinations(self) -> "TrainingConfig":
+        if self.lora is not None and self.freeze.gradual_unfreezing is not None:
+            raise ValueError("freeze.gradual_unfreezing and lora cannot be combined (LoRA already freezes the base)")
+        return self
+
+    @model_validator(mode="after")
     def _check_metric(self) -> "TrainingConfig":
         for name, value in (("metric_for_best_model", self.metric_for_best_model),
                             ("early_stopping.metric", self.early_stopping and self.early_stopping.metric)):

@@ -13,10 +13,32 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.db.models import File, FilePurpose, Job, Model, Tenant
+from api.db.queries import get_checkpoint
 from api.settings import Settings
 from core.errors import ModelError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def resolve_start(session: Session, settings: Settings, job: Job) -> tuple[str, str | None]:
+    """(base model folder or hub id, checkpoint folder to start from or None) for the job's `model`.
+
+    A checkpoint of an earlier job of the tenant ("<model>:ckpt-step-N" or "ftckpt-...") starts
+    from that job's base model with the checkpoint's weights loaded over it.
+
+    Raises:
+        ModelError: "model_not_found" (param "model") when nothing matches or the checkpoint's
+            files are gone (only the last checkpoints and the best one of a job are kept).
+    """
+    found = get_checkpoint(session, tenant_id=job.tenant_id, name=job.model)
+    if found is None:
+        return resolve_base_model(session, settings, job), None
+    checkpoint, source = found
+    if not Path(checkpoint.path).is_dir():
+        raise ModelError(f"The files of checkpoint {job.model!r} are gone (a job keeps its last checkpoints and "
+                         "its best one).", param="model", code="model_not_found")
+    base, _ = resolve_start(session, settings, source)
+    return base, checkpoint.path
 
 
 def resolve_base_model(session: Session, settings: Settings, job: Job) -> str:

@@ -109,6 +109,7 @@ def run_attempt(job_id: str, attempt: int) -> int:
             test_file=Path(files["test_file"]) if files["test_file"] else None,
             work_dir=settings.jobs_dir / job_id,
             resume_from=Path(plan["resume_from"]) if plan.get("resume_from") else None,
+            init_from=Path(plan["init_from"]) if plan.get("init_from") else None,
         )
         result = run(spec, run_paths, sink, should_stop=stop.is_set)
         sink.flush()

@@ -21,17 +21,16 @@ from api.db.models import Checkpoint, File, Job, JobStatus, now
 from api.db.queries import add_event, transition
 from api.db.session import session_scope
 from api.settings import Settings, get_settings
+from core.datasets import FILE_PARAMS, DatasetSummary, inspect_files
 from core.errors import DataError, EngineError
-from core.formats import DatasetInfo, check_labels, check_trainable, inspect_dataset
-from core.spec import JobSpec
-from worker.base_model import resolve_base_model
+from core.spec import JobSpec, Task
+from worker.base_model import resolve_start
 from worker.finalise import fail, finalise
 from worker.queueing import publish_run
 from worker.supervisor import start_child, supervise
 
 log = logging.getLogger(__name__)
 
-FILE_PARAMS = ("training_file", "validation_file", "test_file")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,8 +57,7 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
 
     try:
         spec = JobSpec.model_validate(spec_data)
-        infos = _inspect(spec, files)
-        task = spec.task or infos["training_file"].task
+        task, infos = _inspect(spec, files)
     except EngineError as e:
         error = e.to_dict()
     except Exception as e:  # noqa: BLE001 - an unreadable file must fail the job, not loop
@@ -82,36 +80,35 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
         ok = transition(session, job_id=job_id, from_states=[JobStatus.VALIDATING_FILES], to_state=JobStatus.QUEUED,
                         queued_at=now(), task=str(task), spec=resolved.model_dump(mode="json"), lease_until=None)
         if ok:
-            add_event(session, job_id=job_id, message=_summary(infos),
-                      data={p: {"rows": i.rows, "label_counts": i.label_counts} for p, i in infos.items()})
+            add_event(session, job_id=job_id, message=_summary(task, infos),
+                      data={p: {"rows": i.rows, "label_counts": i.label_counts, **i.details} for p, i in infos.items()})
     if ok:
         publish_run(settings, job_id)
     return JobStatus.QUEUED if ok else ""
 
 
-def _inspect(spec: JobSpec, files: dict[str, tuple[str, str] | None]) -> dict[str, DatasetInfo]:
-    columns = {"text_column": spec.config.text_column, "label_column": spec.config.label_column}
-    infos: dict[str, DatasetInfo] = {}
+def _inspect(spec: JobSpec, files: dict[str, tuple[str, str] | None]) -> tuple[Task, dict[str, DatasetSummary]]:
+    paths: dict[str, Path | None] = {}
     for param in FILE_PARAMS:
         entry = files.get(param)
         if entry is None:
+            paths[param] = None
             continue
         file_id, path = entry
         if not path or not Path(path).is_file():
             raise DataError(f"File {file_id!r} not found.", param=param, code="file_not_found")
-        infos[param] = inspect_dataset(Path(path), param=param, **columns)
-        if param != "training_file":
-            check_labels(infos["training_file"], infos[param], param=param)
-    check_trainable(infos["training_file"])
-    return infos
+        paths[param] = Path(path)
+    return inspect_files(spec.task, paths, spec.config)
 
 
-def _summary(infos: dict[str, DatasetInfo]) -> str:
+def _summary(task: Task, infos: dict[str, DatasetSummary]) -> str:
     train = infos["training_file"]
-    labels = ", ".join(f"{k} ({v})" for k, v in list(train.label_counts.items())[:10])
-    more = f" and {len(train.labels) - 10} more" if len(train.labels) > 10 else ""
-    others = "".join(f"; {p.removesuffix('_file')} {i.rows} rows" for p, i in infos.items() if p != "training_file")
-    return f"Files validated: {train.rows} rows, labels {labels}{more}{others}"
+    text = f"Files validated for {task}: {train.rows} rows"
+    if train.labels:
+        shown = ", ".join(f"{k} ({v})" for k, v in list(train.label_counts.items())[:10])
+        more = f" and {len(train.labels) - 10} more" if len(train.labels) > 10 else ""
+        text += f", labels {shown}{more}"
+    return text + "".join(f"; {p.removesuffix('_file')} {i.rows} rows" for p, i in infos.items() if p != "training_file")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,13 +155,14 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
     with session_scope(settings.sqlalchemy_url) as session:
         job = session.get(Job, job_id)
         try:
-            model = resolve_base_model(session, settings, job)
+            model, init_from = resolve_start(session, settings, job)
         except EngineError as e:
             return JobStatus.FAILED if fail(session, job, attempt, e.to_dict()) else ""
         checkpoint = latest_checkpoint(session, job_id)
         budget = (job.spec or {}).get("config", {}).get("max_runtime_seconds")
         deadline = job.started_at + budget if budget else None
-        plan: dict[str, Any] = {"model": model, "resume_from": checkpoint.path if checkpoint else None}
+        plan: dict[str, Any] = {"model": model, "init_from": init_from,
+                                "resume_from": checkpoint.path if checkpoint else None}
         if checkpoint is not None:
             message = f"Fine-tuning job resumed (attempt {attempt}) from the checkpoint at step {checkpoint.step}"
         elif attempt > 1:

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from api.db.models import Event, File, Job, JobStatus, new_id, now
+from api.db.models import Checkpoint, Event, File, Job, JobStatus, new_id, now
 
 
 # Values that end an attempt's claim on a job (set with the transition that ends it).
@@ -22,6 +22,30 @@ def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
 
 def get_file(session: Session, *, tenant_id: str, file_id: str) -> File | None:
     return session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+
+
+CHECKPOINT_SUFFIX = ":ckpt-step-"
+
+
+def get_checkpoint(session: Session, *, tenant_id: str, name: str) -> tuple[Checkpoint, Job] | None:
+    """A tenant's checkpoint named by its id ("ftckpt-...") or its fine_tuned_model_checkpoint
+    ("<fine_tuned_model or job id>:ckpt-step-<N>"), with its job; None when there is none."""
+    if name.startswith("ftckpt-"):
+        row = session.execute(
+            select(Checkpoint, Job).join(Job, Job.id == Checkpoint.job_id)
+            .where(Checkpoint.id == name, Job.tenant_id == tenant_id)
+        ).first()
+        return (row[0], row[1]) if row else None
+    prefix, sep, step = name.rpartition(CHECKPOINT_SUFFIX)
+    if not sep or not step.isdigit():
+        return None
+    row = session.execute(
+        select(Checkpoint, Job).join(Job, Job.id == Checkpoint.job_id)
+        .where(Job.tenant_id == tenant_id, (Job.fine_tuned_model == prefix) | (Job.id == prefix),
+               Checkpoint.step == int(step))
+        .order_by(Checkpoint.created_at.desc()).limit(1)
+    ).first()
+    return (row[0], row[1]) if row else None
 
 
 def transition(

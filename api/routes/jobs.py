@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.db.models import Event, FilePurpose, Job, JobStatus, Model, new_id, now
-from api.db.queries import add_event, get_file, get_job, transition
+from api.db.queries import add_event, get_checkpoint, get_file, get_job, transition
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import BadRequest, Conflict, NotFound, dotted_param
 from api.queue import RUN_TASK, VALIDATE_TASK
@@ -77,7 +77,7 @@ def check_files(session: Session, *, tenant_id: str, body: JobCreate) -> None:
 
 
 def resolve_model(session: Session, settings: Settings, *, tenant_id: str, name: str) -> str:
-    """Where `model` comes from: "file", "local", "fine_tuned" or "hub"; 400/404 param model else."""
+    """Where `model` comes from: "file", "local", "fine_tuned", "checkpoint" or "hub"; 400/404 param model else."""
     if name.startswith("file-"):
         row = get_file(session, tenant_id=tenant_id, file_id=name)
         if row is None:
@@ -91,10 +91,12 @@ def resolve_model(session: Session, settings: Settings, *, tenant_id: str, name:
             return "local"
     if session.scalar(select(Model.id).where(Model.id == name, Model.tenant_id == tenant_id)):
         return "fine_tuned"
+    if get_checkpoint(session, tenant_id=tenant_id, name=name) is not None:
+        return "checkpoint"
     if settings.allow_hub_models and HUB_ID.match(name) and ".." not in name:
         return "hub"
     raise NotFound(f"Model {name!r} not found: name an uploaded model file, a server model, one of your "
-                   "fine-tuned models" + (" or a hub id." if settings.allow_hub_models else "."),
+                   "fine-tuned models or checkpoints" + (" or a hub id." if settings.allow_hub_models else "."),
                    param="model", code="model_not_found")
 
 

@@ -55,7 +55,7 @@ def model_content(model: str, tenant: TenantDep, session: SessionDep) -> FileRes
     return FileResponse(path, media_type="application/x-tar", filename=name)
 
 
-@router.post("/{model:path}/predict", response_model=PredictResponse)
+@router.post("/{model:path}/predict", response_model=PredictResponse, response_model_exclude_none=True)
 async def predict(model: str, body: PredictRequest, request: Request, tenant: TenantDep,
                   session: SessionDep) -> PredictResponse:
     """Run a small batch of inputs through the model (a quick check, not a serving endpoint)."""

@@ -7,6 +7,8 @@ or transformers. Each task's reader module has the same three functions:
     check_split(train, other, *, param) -> None           validation/test against the training file
     read(path, *, param, config) -> list[...]             the rows, as the task's torch side wants them
 
+and may have `check_trainable(train)` (raises when nothing can be learned from the training file).
+
 and raises core.errors.DataError naming the request field (param) and the line or row.
 """
 
@@ -90,12 +92,15 @@ def inspect_files(task: Task | None, files: dict[str, Path | None], config: Trai
     assert train_path is not None
     task = task or infer_task(train_path, config)
     module = reader(task)
-    summaries: dict[str, DatasetSummary] = {}
-    for param in FILE_PARAMS:
+    summaries = {"training_file": module.inspect(train_path, param="training_file", config=config)}
+    if hasattr(module, "check_trainable"):
+        module.check_trainable(summaries["training_file"])
+    resolved = summaries["training_file"].details.get("problem_type")
+    if resolved is not None:  # read validation/test labels the way the training file's were read
+        config = config.model_copy(update={"problem_type": resolved})
+    for param in FILE_PARAMS[1:]:
         path = files.get(param)
-        if path is None:
-            continue
-        summaries[param] = module.inspect(path, param=param, config=config)
-        if param != "training_file":
+        if path is not None:
+            summaries[param] = module.inspect(path, param=param, config=config)
             module.check_split(summaries["training_file"], summaries[param], param=param)
     return task, summaries

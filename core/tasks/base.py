@@ -177,3 +177,32 @@ class TaskAdapter:
             predictions.append(preds)
         model.train(was_training)
         return self.compute_metrics(predictions, targets, loss=loss_sum / max(1, units), report=report)
+
+
+def class_weights(labels: list[str], counts: dict[str, int], setting: str | dict[str, float] | None) -> torch.Tensor | None:
+    """Per-class loss weights from config.loss.class_weights, in class-id order.
+
+    Args:
+        labels: class names in id order.
+        counts: examples per class in the training file.
+        setting: None (no weights), "balanced" (n / (k x count), scikit-learn's formula; a class
+            without examples gets 1) or {label: weight} (labels left out get 1).
+
+    Raises:
+        EngineError: a label in the mapping that the training file does not have
+            (param config.loss.class_weights).
+    """
+    from core.errors import EngineError
+
+    if setting is None:
+        return None
+    if setting == "balanced":
+        total, k = sum(counts.values()), len(labels)
+        return torch.tensor([total / (k * counts[c]) if counts.get(c) else 1.0 for c in labels], dtype=torch.float32)
+    unknown = sorted(set(setting) - set(labels))
+    if unknown:
+        raise EngineError(
+            f"class_weights names label(s) not in the training file: {', '.join(map(repr, unknown[:10]))}.",
+            param="config.loss.class_weights",
+        )
+    return torch.tensor([float(setting.get(c, 1.0)) for c in labels], dtype=torch.float32)

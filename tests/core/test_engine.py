@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import core.engine
 from core.callbacks import Callback
 from core.engine import RunPaths, run
 from core.errors import DataError, ModelError
-from core.formats import read_examples
+from core.datasets import text
 from core.sink import ListSink
-from core.spec import JobSpec
+from core.spec import JobSpec, TrainingConfig
+from core.tasks.text_classification import TextClassification
 from tests.tiny_models import write_text_dataset
 
 FAST = {"n_epochs": 6, "learning_rate_multiplier": 40}  # a tiny random BERT needs a large LR
@@ -68,7 +68,7 @@ def test_export_round_trip_gives_in_engine_numbers(tiny_bert_dir, sentiment_file
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.id2label == {0: "0", 1: "1"}
-    texts, labels = read_examples(sentiment_files["test"], text_column="text", label_column="label")
+    texts, labels = text.read(sentiment_files["test"], param="test_file", config=TrainingConfig(problem_type="single_label"))
     with torch.no_grad():
         batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
         loss = torch.nn.functional.cross_entropy(model(**batch).logits, torch.tensor([int(x) for x in labels]))
@@ -148,9 +148,7 @@ def test_should_stop_cancels_after_a_checkpoint(tiny_bert_dir, sentiment_files, 
 def test_early_stopping_restores_the_best_weights(tiny_bert_dir, sentiment_files, tmp_path, monkeypatch):
     scripted = iter([0.5, 0.8, 0.7, 0.75, 0.9, 0.95])
     monkeypatch.setattr(
-        core.engine._Evaluator,
-        "__call__",
-        lambda self, data, label_names=None: {"loss": 1.0, "accuracy": next(scripted), "f1_macro": 0.5},
+        TextClassification, "evaluate", lambda self, model, split, **kw: {"loss": 1.0, "accuracy": next(scripted)}
     )
     spec = make_spec(eval_every_steps=1, metric_for_best_model="accuracy", early_stopping={"patience": 2})
     sink = ListSink()

@@ -3,17 +3,23 @@ import sys
 
 import pytest
 
+from core.datasets import inspect_files, text
 from core.errors import DataError
-from core.formats import check_file, check_labels, dataset_format, inspect_dataset, read_examples
-from core.spec import Task
+from core.formats import check_file, check_labels, dataset_format
+from core.spec import ProblemType, Task, TrainingConfig
 from tests.core.conftest import DATA
 from tests.tiny_models import write_text_dataset
 
 COLUMNS = dict(text_column="text", label_column="label")
 
 
-def test_formats_imports_no_torch():
-    code = "import sys, core.formats; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+def inspect_dataset(path, *, param, **config):
+    return text.inspect(path, param=param, config=TrainingConfig(**config))
+
+
+def test_formats_and_readers_import_no_torch():
+    code = ("import sys, core.formats, core.datasets, core.datasets.text, core.datasets.tokens, core.datasets.chat, "
+            "core.datasets.images; assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -95,7 +101,8 @@ def test_null_label_in_parquet_names_the_row(tmp_path):
 
 def test_inspect_real_csv():
     info = inspect_dataset(DATA / "sms_small.csv", param="training_file", **COLUMNS)
-    assert (info.format, info.rows, info.labels, info.task) == ("csv", 200, ["0", "1"], Task.TEXT_CLASSIFICATION)
+    assert (info.rows, info.labels, info.task) == (200, ["0", "1"], Task.TEXT_CLASSIFICATION)
+    assert info.details["problem_type"] == "single_label"
     assert info.label_counts == {"0": 140, "1": 60}
 
 
@@ -103,7 +110,8 @@ def test_labels_sort_numerically(tmp_path):
     rows = [{"text": "t", "label": label} for label in (10, 2, 1)]
     info = inspect_dataset(write_text_dataset(tmp_path / "d.jsonl", rows), param="training_file", **COLUMNS)
     assert info.labels == ["1", "2", "10"]
-    texts, labels = read_examples(tmp_path / "d.jsonl", **COLUMNS)
+    config = TrainingConfig(problem_type="single_label")
+    texts, labels = text.read(tmp_path / "d.jsonl", param="training_file", config=config)
     assert texts == ["t"] * 3 and labels == ["10", "2", "1"]
 
 
@@ -121,3 +129,40 @@ def test_unknown_label_in_validation(tmp_path):
     with pytest.raises(DataError) as e:
         check_labels(train, valid, param="validation_file")
     assert (e.value.code, e.value.param) == ("unknown_label", "validation_file") and "'eggs'" in e.value.message
+
+
+def test_multi_label_from_lists_and_from_a_separator(tmp_path):
+    rows = [{"text": "a", "label": ["sports", "news"]}, {"text": "b", "label": []}, {"text": "c", "label": ["news"]}]
+    info = inspect_dataset(write_text_dataset(tmp_path / "d.jsonl", rows), param="training_file")
+    assert info.details["problem_type"] == "multi_label"
+    assert info.labels == ["news", "sports"] and info.label_counts == {"news": 2, "sports": 1}
+    csv_rows = [{"text": "a", "label": "sports|news"}, {"text": "b", "label": "news"}]
+    info = inspect_dataset(write_text_dataset(tmp_path / "d.csv", csv_rows), param="training_file", label_separator="|")
+    assert info.details["problem_type"] == "multi_label" and info.label_counts == {"news": 2, "sports": 1}
+    _, labels = text.read(tmp_path / "d.csv", param="training_file",
+                          config=TrainingConfig(label_separator="|", problem_type="multi_label"))
+    assert labels == [["news", "sports"], ["news"]]
+
+
+def test_regression_is_detected_from_non_integer_numbers(tmp_path):
+    rows = [{"text": "a", "label": 0.5}, {"text": "b", "label": "2"}, {"text": "c", "label": 3.25}]
+    info = inspect_dataset(write_text_dataset(tmp_path / "d.csv", rows), param="training_file")
+    assert info.details["problem_type"] == "regression" and info.labels is None
+    assert (info.details["min"], info.details["max"]) == (0.5, 3.25)
+    bad = write_text_dataset(tmp_path / "b.csv", rows + [{"text": "d", "label": "high"}])
+    with pytest.raises(DataError, match="line 5.*must be a number"):
+        inspect_dataset(bad, param="training_file", problem_type="regression")
+
+
+def test_validation_is_read_like_the_training_file(tmp_path):
+    train = write_text_dataset(tmp_path / "t.csv", [{"text": "a", "label": 0.5}, {"text": "b", "label": 1.5}])
+    valid = write_text_dataset(tmp_path / "v.csv", [{"text": "a", "label": 1}, {"text": "b", "label": 2}])
+    task, infos = inspect_files(None, {"training_file": train, "validation_file": valid}, TrainingConfig())
+    assert task == Task.TEXT_CLASSIFICATION
+    assert infos["validation_file"].details["problem_type"] == ProblemType.REGRESSION
+
+
+def test_a_single_class_is_not_trainable(tmp_path):
+    train = write_text_dataset(tmp_path / "t.csv", [{"text": "a", "label": "x"}, {"text": "b", "label": "x"}])
+    with pytest.raises(DataError, match="single label"):
+        inspect_files(None, {"training_file": train}, TrainingConfig())

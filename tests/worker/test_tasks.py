@@ -170,6 +170,23 @@ def test_run_job_from_uploaded_model_file(settings, tiny_bert):
     assert get_job(settings, job_id).fine_tuned_model.startswith("ft:my-tiny-bert:")
 
 
+def test_a_job_can_start_from_an_earlier_jobs_checkpoint(settings):
+    first = make_job(settings, status=JobStatus.QUEUED, tenant="iterate", config={"checkpoint_every_steps": 4})
+    assert tasks.run_job(first, settings=settings) == JobStatus.SUCCEEDED, explain(settings, first)
+    source = get_job(settings, first)
+    with session_scope(settings.sqlalchemy_url) as session:
+        step = session.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == first))
+    name = f"{source.fine_tuned_model}:ckpt-step-{step}"
+    second = make_job(settings, status=JobStatus.QUEUED, tenant="iterate", model=name)
+    assert tasks.run_job(second, settings=settings) == JobStatus.SUCCEEDED, explain(settings, second)
+    messages = [e.message for e in events(settings, second)]
+    assert f"Starting from the weights of checkpoint step-{step:08d}." in messages
+    assert get_job(settings, second).fine_tuned_model.startswith("ft:tiny-bert:iterate:")
+    # Another tenant cannot name it.
+    other = make_job(settings, status=JobStatus.QUEUED, tenant="someone-else", model=name)
+    assert tasks.run_job(other, settings=settings) == JobStatus.FAILED
+
+
 def test_run_job_unknown_model_fails_without_training(settings):
     job_id = make_job(settings, model="no-such-model", status=JobStatus.QUEUED)
     assert tasks.run_job(job_id, settings=settings) == JobStatus.FAILED
