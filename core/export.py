@@ -76,7 +76,7 @@ def export_model(
     if model_dir.exists():
         shutil.rmtree(model_dir)
     model_dir.mkdir(parents=True)
-    export_weights(model, model_dir, save, lora=lora)
+    export_weights(model, model_dir, save, lora=lora, base_model_name=spec.model)
     job = {"spec": spec.model_dump(mode="json"), "hyperparameters": hyperparameters, "reproducibility": record}
     (model_dir / "lathe_job.json").write_text(json.dumps(job, indent=2))
     (model_dir / "eval_report.json").write_text(json.dumps(report | {"reproducibility": record}, indent=2))

@@ -10,31 +10,17 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.errors import DataError
-from core.spec import Task
 
-FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".zip": "zip"}
 
 # csv's default cap (128 KiB) is too small for long documents in one cell.
 csv.field_size_limit(64 * 1024 * 1024)
-
-
-@dataclass
-class DatasetInfo:
-    """What a full pass over a dataset found."""
-
-    format: str
-    rows: int
-    labels: list[str]
-    label_counts: dict[str, int] = field(default_factory=dict)
-    task: Task = Task.TEXT_CLASSIFICATION
 
 
 def dataset_format(filename: str) -> str:
@@ -44,7 +30,7 @@ def dataset_format(filename: str) -> str:
         filename: the file's name as uploaded (only the extension matters).
 
     Returns:
-        "csv", "jsonl" or "parquet".
+        "csv", "jsonl", "parquet" or "zip" (image folders, see core.datasets.images).
 
     Raises:
         DataError: code "invalid_file_format" for any other extension.
@@ -53,7 +39,7 @@ def dataset_format(filename: str) -> str:
     if suffix not in FORMATS:
         raise DataError(
             f"Unsupported file type {suffix or '(none)'!r} for {filename!r}: "
-            "use .csv, .jsonl (JSON Lines) or .parquet.",
+            "use .csv, .jsonl (JSON Lines), .parquet, or .zip (image folders).",
             param="file",
             code="invalid_file_format",
         )
@@ -65,16 +51,22 @@ def check_file(path: Path, fmt: str, *, param: str = "file") -> dict[str, Any]:
 
     Args:
         path: the file on disk.
-        fmt: "csv", "jsonl" or "parquet" (see `dataset_format`).
+        fmt: "csv", "jsonl", "parquet" or "zip" (see `dataset_format`).
         param: the request field to blame in errors.
 
     Returns:
         {"format", "rows", "columns"}; columns in file order (JSONL: union of keys, first seen first).
+        A zip gets core.datasets.images.check_zip's {"format", "rows", "labels", "label_counts", ...}.
 
     Raises:
         DataError: invalid UTF-8, a CSV without header or with a ragged record, a JSONL line that is
             not a JSON object, an unreadable parquet file, or no rows at all. Messages name the line.
+            A zip: anything unsafe or unreadable, naming the member (see core.datasets.images).
     """
+    if fmt == "zip":
+        from core.datasets import images  # Pillow is only imported for image uploads
+
+        return images.check_zip(path, param=param)
     rows = 0
     columns: dict[str, None] = {}
     for _, record in records(path, fmt, param=param):
@@ -82,60 +74,17 @@ def check_file(path: Path, fmt: str, *, param: str = "file") -> dict[str, Any]:
         for key in record:
             columns.setdefault(key, None)
     if fmt in ("csv", "parquet"):
-        columns = dict.fromkeys(_header(path, fmt, param=param))
+        columns = dict.fromkeys(header(path, fmt, param=param))
     if rows == 0:
         raise DataError(f"{path.name} has no data rows.", param=param)
     return {"format": fmt, "rows": rows, "columns": list(columns)}
 
 
-def inspect_dataset(path: Path, *, param: str, text_column: str, label_column: str) -> DatasetInfo:
-    """Validate a whole dataset for text classification and count its labels.
+def check_labels(train: Any, other: Any, *, param: str) -> None:
+    """Every label of a validation/test set must be one the model is trained on.
 
     Args:
-        path: the dataset file; its format comes from the extension.
-        param: the request field to blame in errors ("training_file", "validation_file", ...).
-        text_column: the column (JSONL key) holding the text.
-        label_column: the column holding the label.
-
-    Returns:
-        A DatasetInfo; labels sorted numerically when they are all integers, else as strings.
-
-    Raises:
-        DataError: a missing column, an empty text or a missing label (naming the line), or any
-            structural problem `check_file` reports.
-    """
-    fmt = dataset_format(path.name)
-    counts: Counter[str] = Counter()
-    rows = 0
-    for _, label in _examples(path, fmt, param=param, text_column=text_column, label_column=label_column):
-        counts[label] += 1
-        rows += 1
-    if rows == 0:
-        raise DataError(f"{path.name} has no data rows.", param=param)
-    labels = sort_labels(counts)
-    return DatasetInfo(format=fmt, rows=rows, labels=labels, label_counts={k: counts[k] for k in labels})
-
-
-def read_examples(path: Path, *, text_column: str, label_column: str, param: str = "file") -> tuple[list[str], list[str]]:
-    """All (text, label) pairs of a dataset, validated as in `inspect_dataset`.
-
-    Returns:
-        (texts, labels), labels as strings ("1", "spam").
-
-    Raises:
-        DataError: as `inspect_dataset`.
-    """
-    texts: list[str] = []
-    labels: list[str] = []
-    fmt = dataset_format(path.name)
-    for text, label in _examples(path, fmt, param=param, text_column=text_column, label_column=label_column):
-        texts.append(text)
-        labels.append(label)
-    return texts, labels
-
-
-def check_labels(train: DatasetInfo, other: DatasetInfo, *, param: str) -> None:
-    """Every label of a validation/test set must be one the model is trained on.
+        train, other: dataset summaries (anything with a `.labels` list).
 
     Raises:
         DataError: code "unknown_label", naming (up to 10 of) the unknown labels.
@@ -148,19 +97,6 @@ def check_labels(train: DatasetInfo, other: DatasetInfo, *, param: str) -> None:
             f"Training labels: {', '.join(repr(x) for x in train.labels[:20])}.",
             param=param,
             code="unknown_label",
-        )
-
-
-def check_trainable(train: DatasetInfo, *, param: str = "training_file") -> None:
-    """A classifier needs at least two labels to learn from.
-
-    Raises:
-        DataError: the training file has a single label.
-    """
-    if len(train.labels) < 2:
-        raise DataError(
-            f"The training file has a single label ({train.labels[0]!r}); classification needs at least two.",
-            param=param,
         )
 
 
@@ -177,48 +113,7 @@ def sort_labels(labels: Counter[str] | set[str] | list[str]) -> list[str]:
 # Reading
 
 
-def _examples(path: Path, fmt: str, *, param: str, text_column: str, label_column: str) -> Iterator[tuple[str, str]]:
-    if fmt in ("csv", "parquet"):
-        header = _header(path, fmt, param=param)
-        for column in (text_column, label_column):
-            if column not in header:
-                raise DataError(
-                    f"{path.name} has no column {column!r} (columns: {', '.join(header)}).", param=param
-                )
-    unit = "row" if fmt == "parquet" else "line"
-    for line, record in records(path, fmt, param=param):
-        where = f"{unit} {line}"
-        if text_column not in record:
-            raise DataError(f"{where}: no {text_column!r} field (keys: {', '.join(record)}).", param=param)
-        if label_column not in record:
-            raise DataError(f"{where}: no {label_column!r} field (keys: {', '.join(record)}).", param=param)
-        text = record[text_column]
-        if not isinstance(text, str):
-            raise DataError(f"{where}: {text_column!r} must be a string, not {_kind(text)}.", param=param)
-        if not text.strip():
-            raise DataError(f"{where}: {text_column!r} is empty.", param=param)
-        yield text, _label(record[label_column], where=where, column=label_column, param=param)
-
-
-def _label(value: Any, *, where: str, column: str, param: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        raise DataError(f"{where}: {column!r} is missing.", param=param)
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, str):
-        if not value.strip():
-            raise DataError(f"{where}: {column!r} is missing.", param=param)
-        return value.strip()
-    raise DataError(
-        f"{where}: {column!r} must be a single label (string or number), not {_kind(value)}.", param=param
-    )
-
-
-def _kind(value: Any) -> str:
+def value_kind(value: Any) -> str:
     return {dict: "an object", list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
 
 
@@ -266,14 +161,14 @@ def _csv_reader(path: Path, *, param: str) -> Iterator[tuple[int, list[str]]]:
 
 
 def _csv_records(path: Path, *, param: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    records = _csv_reader(path, param=param)
-    header = _csv_header(path, records, param=param)
-    for line, fields in records:
-        if len(fields) != len(header):
+    rows = _csv_reader(path, param=param)
+    names = _csv_header(path, rows, param=param)
+    for line, fields in rows:
+        if len(fields) != len(names):
             raise DataError(
-                f"line {line}: expected {len(header)} fields like the header, found {len(fields)}.", param=param
+                f"line {line}: expected {len(names)} fields like the header, found {len(fields)}.", param=param
             )
-        yield line, dict(zip(header, fields))
+        yield line, dict(zip(names, fields))
 
 
 def _csv_header(path: Path, records: Iterator[tuple[int, list[str]]], *, param: str) -> list[str]:
@@ -290,7 +185,7 @@ def _csv_header(path: Path, records: Iterator[tuple[int, list[str]]], *, param: 
     return names
 
 
-def _header(path: Path, fmt: str, *, param: str) -> list[str]:
+def header(path: Path, fmt: str, *, param: str) -> list[str]:
     if fmt == "csv":
         return _csv_header(path, _csv_reader(path, param=param), param=param)
     return list(_parquet_file(path, param=param).schema_arrow.names)
@@ -306,7 +201,7 @@ def _jsonl_records(path: Path, *, param: str) -> Iterator[tuple[int, dict[str, A
             raise DataError(f"line {number}: not valid JSON ({e.msg} at column {e.colno}).", param=param) from None
         if not isinstance(record, dict):
             raise DataError(
-                f"line {number}: expected a JSON object per line (JSON Lines), found {_kind(record)}.", param=param
+                f"line {number}: expected a JSON object per line (JSON Lines), found {value_kind(record)}.", param=param
             )
         yield number, record
 

@@ -85,6 +85,9 @@ def load_for_inference(model_dir: Path, task: str) -> tuple[Any, Any]:
 
     if not model_dir.is_dir():
         raise ModelError(f"Model folder {str(model_dir)!r} not found.", param="model", code="model_not_found")
+    if not (model_dir / "config.json").is_file() and (model_dir / "adapter" / "adapter_config.json").is_file():
+        raise ModelError("This model was exported as a LoRA adapter only (config.lora.merge_on_export false): "
+                         "download it and load it over its base model with peft.", param="model", code="invalid_model")
     check_model_source(str(model_dir))
     auto = {
         "text-classification": transformers.AutoModelForSequenceClassification,

@@ -138,7 +138,7 @@ class LoraConfig(_Strict):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | Literal["all-linear"] | None = Field(
         None, description="Module names (or suffixes) that get adapters; null: peft's default for the "
-                          "architecture; all-linear: every linear layer but the head."
+                          "architecture (all-linear where peft has none); all-linear: every linear layer but the head."
     )
     merge_on_export: bool = Field(
         True, description="Export merged full weights (loads with plain transformers); the adapter is kept "
@@ -151,11 +151,11 @@ class OptimizerConfig(_Strict):
         "adamw", description="adamw (decoupled weight decay), adam (L2 added to the gradient), sgd "
                              "(momentum, nesterov), adafactor (transformers', factored second moments)."
     )
-    learning_rate: Annotated[float, Field(gt=0, le=10.0)] | None = Field(
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] | None = Field(
         None, description="Absolute peak learning rate; overrides base LR x learning_rate_multiplier. "
                           "Base: 5e-5 for encoders, 2e-5 for causal LMs (1e-4 with LoRA), 1e-3 for vision."
     )
-    head_learning_rate: Annotated[float, Field(gt=0, le=10.0)] | None = Field(
+    head_learning_rate: Annotated[float, Field(gt=0, le=1.0)] | None = Field(
         None, description="A separate learning rate for the head (new layers learn faster); default the same."
     )
     layerwise_lr_decay: float = Field(

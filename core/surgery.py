@@ -511,14 +511,10 @@ def _lora_targets(model: torch.nn.Module, targets: list[str] | str | None, *, he
                if isinstance(m, nn.Linear) and name.split(".", 1)[0] not in heads]
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in linears})
     if targets is None:
+        # peft's table covers the common language models; anything else (ViT, ConvNeXt, ...)
+        # gets adapters on every linear layer but the head, as QLoRA recommends.
         model_type = getattr(model.config, "model_type", None)
-        if model_type not in DEFAULTS:
-            raise EngineError(
-                f"peft has no default LoRA target modules for model type {model_type!r}; set "
-                f"config.lora.target_modules to \"all-linear\" or to names among {suffixes}.",
-                param="config.lora.target_modules",
-            )
-        return list(DEFAULTS[model_type])
+        return list(DEFAULTS[model_type]) if model_type in DEFAULTS else "all-linear"
     if targets == "all-linear":
         return targets
     names = [name for name, _ in model.named_modules()]

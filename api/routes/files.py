@@ -24,7 +24,8 @@ from core.formats import check_file, dataset_format
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 UPLOAD_PURPOSES = (FilePurpose.FINE_TUNE, FilePurpose.MODEL)
-MEDIA_TYPES = {"csv": "text/csv", "jsonl": "application/jsonl", "parquet": "application/vnd.apache.parquet"}
+MEDIA_TYPES = {"csv": "text/csv", "jsonl": "application/jsonl", "parquet": "application/vnd.apache.parquet",
+               "zip": "application/zip"}
 
 
 def _check_dataset(path: Path, filename: str) -> tuple[Path, dict]:

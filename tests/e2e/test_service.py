@@ -177,7 +177,7 @@ def test_fine_tune_download_and_load(client, service, uploads, tmp_path):
 
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
     assert "The job has successfully completed" in messages
-    assert any(m.startswith("Files validated: 64 rows") for m in messages)
+    assert any(m.startswith("Files validated for text-classification: 64 rows") for m in messages)
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
     assert checkpoints and all(c.step_number >= 1 for c in checkpoints)
 

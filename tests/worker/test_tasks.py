@@ -77,7 +77,9 @@ def test_validate_queues_and_publishes(settings):
     assert job.status == JobStatus.QUEUED and job.queued_at and job.task == "text-classification"
     assert job.spec["task"] == "text-classification"
     [ev] = events(settings, job_id)
-    assert ev.message.startswith("Files validated: 64 rows, labels 0 (32), 1 (32); validation 10 rows; test 10 rows")
+    assert ev.message.startswith("Files validated for text-classification: 64 rows, labels 0 (32), 1 (32); "
+                                 "validation 10 rows; test 10 rows")
+    assert ev.data["training_file"]["problem_type"] == "single_label"
     assert [h["task"] for h in queued_messages(settings)] == ["lathe.run_job"]
     # A second delivery finds nothing to do and publishes nothing.
     assert tasks.validate_job(job_id, settings=settings) == ""
