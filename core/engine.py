@@ -151,7 +151,8 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
     if cfg.freeze.gradual_unfreezing is not None:
         callbacks.insert(0, GradualUnfreezing(model, layers, cfg.freeze.gradual_unfreezing, frozen))
     callbacks += extra_callbacks
-    evaluate = partial(adapter.evaluate, model, device=device, precision=precision, batch_size=max(batch_size, 32))
+    evaluate = partial(adapter.evaluate, model, device=device, precision=precision,
+                       batch_size=adapter.eval_batch_size(batch_size))
     checkpoints = paths.work_dir / "checkpoints"
     facts = {"task": str(task), "labels": data.labels, "batch_size": batch_size, "accumulation": accum,
              "max_steps": max_steps}

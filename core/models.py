@@ -16,13 +16,18 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def check_model_source(model: str) -> Path | str:
-    """Where a base model comes from: an existing local folder, or a hub id.
+    """Where a base model comes from: an existing local folder (safetensors weights, or a GGUF
+    file, which carries its own config), a .gguf file, or a hub id.
 
     Raises:
         ModelError: "model_not_found" for a path that does not exist or is not a folder;
-            "invalid_model" for a local folder without *.safetensors weights.
+            "invalid_model" for a local folder without *.safetensors (or *.gguf) weights.
     """
     path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return path
+    if path.is_dir() and any(path.glob("*.gguf")) and not any(path.glob("*.safetensors")):
+        return path
     if path.is_dir():
         if not any(path.glob("*.safetensors")):
             pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
@@ -64,50 +69,62 @@ def load_tokenizer(model: str):
     return tokenizer
 
 
+CLASSIFIER_KINDS = {
+    "AutoModelForSequenceClassification": "a sequence classifier",
+    "AutoModelForTokenClassification": "a token classifier",
+    "AutoModelForImageClassification": "an image classifier",
+}
+
+
 def load_classifier(
     model: str,
     *,
     labels: list[str],
+    auto_class: str = "AutoModelForSequenceClassification",
     pad_token_id: int | None = None,
-    problem_type: str = "single_label_classification",
+    problem_type: str | None = "single_label_classification",
 ):
-    """AutoModelForSequenceClassification with a head for `labels` (fp32 weights).
+    """A transformers model with a classification head for `labels`, in fp32: a sequence, token
+    or image classifier (`auto_class`).
 
     A base that is already a classifier with a different label count gets a fresh head
     (ignore_mismatched_sizes); the head's initialisation follows torch's global seed.
 
     Args:
         model: a local HF folder or a hub id.
-        labels: class names in id order (one output each); ["value"] for regression.
+        labels: class (or tag) names in id order, one output each; ["value"] for regression.
+        auto_class: AutoModelForSequenceClassification, AutoModelForTokenClassification or
+            AutoModelForImageClassification.
         pad_token_id: written to the config when the model has none (needed to pool padded batches).
-        problem_type: transformers' single_label_classification, multi_label_classification or regression.
+        problem_type: transformers' single_label_classification, multi_label_classification or
+            regression (None: leave the model's).
 
     Raises:
         ModelError: model_not_found, or invalid_model for an unsupported or broken model.
     """
     import torch
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
     source = check_model_source(model)
+    extra = {"problem_type": problem_type} if problem_type else {}
     try:
-        classifier = AutoModelForSequenceClassification.from_pretrained(
+        classifier = getattr(transformers, auto_class).from_pretrained(
             str(source),
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
-            problem_type=problem_type,
             use_safetensors=True,
             trust_remote_code=False,
             ignore_mismatched_sizes=True,
             dtype=torch.float32,
+            **extra,
         )
     except OSError as e:
         raise _load_error(model, e) from None
     except (ValueError, KeyError) as e:
-        raise ModelError(
-            f"{model!r} cannot be loaded as a sequence classifier: {e}", param="model", code="invalid_model"
-        ) from None
-    if classifier.config.pad_token_id is None and pad_token_id is not None:
+        kind = CLASSIFIER_KINDS.get(auto_class, auto_class)
+        raise ModelError(f"{model!r} cannot be loaded as {kind}: {e}", param="model", code="invalid_model") from None
+    if pad_token_id is not None and getattr(classifier.config, "pad_token_id", None) is None:
         classifier.config.pad_token_id = pad_token_id
     return classifier
 

@@ -268,8 +268,9 @@ class TrainingConfig(_Strict):
         None, description="image-classification: side of the square input; default the processor's size."
     )
     packing: bool = Field(
-        False, description="causal-lm: concatenate examples into rows of max_length tokens; attention never "
-                           "crosses examples (position ids restart at each). Fewer padding tokens, same loss."
+        False, description="causal-lm: pack whole examples into rows of up to max_length tokens; attention never "
+                           "crosses examples (position ids restart at each). Fewer padding tokens, same loss; "
+                           "batch_size then counts packed rows."
     )
     train_on_inputs: bool = Field(
         False, description="causal-lm: also learn the prompt/user tokens; default only assistant/completion tokens."

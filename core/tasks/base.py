@@ -134,6 +134,10 @@ class TaskAdapter:
         """
         raise NotImplementedError
 
+    def eval_batch_size(self, train_batch_size: int) -> int:
+        """Examples per evaluation batch: no gradients are kept, so larger than training's."""
+        return max(train_batch_size, 32)
+
     def trained_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Tokens that count as trained (OpenAI's trained_tokens): non-padding input tokens."""
         mask = batch.get("attention_mask")

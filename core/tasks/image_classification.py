@@ -24,7 +24,7 @@ from core import metrics as M
 from core.augment_image import ImageAugmenter, is_identity, processor_pixel_range
 from core.datasets import images as reader
 from core.errors import EngineError, ModelError
-from core.models import check_model_source
+from core.models import check_model_source, load_classifier
 from core.spec import LABEL_METRICS, Task
 from core.surgery import replace_head
 from core.tasks.base import DataFiles, Split, TaskAdapter, TaskData, class_weights
@@ -155,27 +155,8 @@ class ImageClassification(TaskAdapter):
         Raises:
             ModelError: not found, not safetensors, or not an image-classification architecture.
         """
-        from transformers import AutoModelForImageClassification
-
-        location = check_model_source(source)
         labels = data.labels or []
-        try:
-            model = AutoModelForImageClassification.from_pretrained(
-                str(location),
-                num_labels=len(labels),
-                id2label=dict(enumerate(labels)),
-                label2id={label: i for i, label in enumerate(labels)},
-                problem_type="single_label_classification",
-                ignore_mismatched_sizes=True,
-                use_safetensors=True,
-                trust_remote_code=False,
-                dtype=torch.float32,
-            )
-        except OSError as e:
-            code = "invalid_model" if isinstance(location, Path) else "model_not_found"
-            raise ModelError(f"Cannot load {source!r}: {e}", param="model", code=code) from None
-        except (ValueError, KeyError) as e:
-            raise ModelError(f"{source!r} cannot be loaded as an image classifier: {e}", param="model") from None
+        model = load_classifier(source, labels=labels, auto_class="AutoModelForImageClassification")
         self.forward_kwargs = _forward_kwargs(model, self.image_shape)
         replace_head(model, self.config.head, num_outputs=len(labels),
                      classifier_dropout=self.config.dropout.classifier)

@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from core.datasets import tokens as reader
-from core.errors import ModelError
-from core.models import check_model_source, load_tokenizer
+from core.models import load_classifier, load_tokenizer
 from core.spec import TOKEN_METRICS, Task
 from core.surgery import replace_head
 from core.tasks.base import DataFiles, Split, TaskAdapter, TaskData, class_weights
@@ -172,29 +171,9 @@ class TokenClassification(TaskAdapter):
         Raises:
             ModelError: not found, not safetensors, or no token-classification head for the architecture.
         """
-        from transformers import AutoModelForTokenClassification
-
         labels = list(data.labels or [])
-        local = check_model_source(source)
-        try:
-            model = AutoModelForTokenClassification.from_pretrained(
-                str(local),
-                num_labels=len(labels),
-                id2label=dict(enumerate(labels)),
-                label2id={tag: i for i, tag in enumerate(labels)},
-                ignore_mismatched_sizes=True,
-                use_safetensors=True,
-                trust_remote_code=False,
-                dtype=torch.float32,
-            )
-        except OSError as e:
-            raise ModelError(f"Cannot load {source!r}: {e}", param="model", code="invalid_model") from None
-        except (ValueError, KeyError) as e:
-            raise ModelError(
-                f"{source!r} cannot be loaded as a token classifier: {e}", param="model", code="invalid_model"
-            ) from None
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = processor.pad_token_id
+        model = load_classifier(source, labels=labels, auto_class="AutoModelForTokenClassification",
+                                pad_token_id=processor.pad_token_id, problem_type=None)
         replace_head(model, self.config.head, num_outputs=len(labels), classifier_dropout=self.config.dropout.classifier)
         return model
 
