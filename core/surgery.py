@@ -514,7 +514,15 @@ def _lora_targets(model: torch.nn.Module, targets: list[str] | str | None, *, he
         # peft's table covers the common language models; anything else (ViT, ConvNeXt, ...)
         # gets adapters on every linear layer but the head, as QLoRA recommends.
         model_type = getattr(model.config, "model_type", None)
-        return list(DEFAULTS[model_type]) if model_type in DEFAULTS else "all-linear"
+        if model_type in DEFAULTS:
+            return list(DEFAULTS[model_type])
+        if not linears:
+            raise EngineError(
+                f"A {model_type} model has no linear layers outside its head for LoRA (convolutional "
+                "networks have none); fine-tune it fully, or freeze part of it (config.freeze).",
+                param="config.lora.target_modules",
+            )
+        return "all-linear"
     if targets == "all-linear":
         return targets
     names = [name for name, _ in model.named_modules()]

@@ -235,3 +235,45 @@ def test_cancel_a_running_job(client, service, uploads, tmp_path):
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
     assert "The job was cancelled" in messages
     assert list(client.fine_tuning.jobs.checkpoints.list(job.id))  # saved where it stopped
+
+
+def _upload_folder(client, folder: Path, name: str) -> str:
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+    return client.files.create(file=(name, archive.getvalue()), purpose="model").id
+
+
+def test_image_and_chat_jobs_with_inferred_tasks(client, service, tmp_path):
+    """A zip of image folders and an OpenAI chat JSONL go through upload, validation (task inferred
+    from the data), the Celery worker and export like any text job, with toolbox options on."""
+    from tests.tiny_causal import chat_rows, save_tiny_llama, write_jsonl
+    from tests.tiny_vision import digits, save_tiny_resnet, write_image_zip
+
+    images, labels = digits(16)
+    train_zip = write_image_zip(tmp_path / "digits.zip", images[:120], labels[:120])
+    resnet = _upload_folder(client, save_tiny_resnet(tmp_path / "resnet"), "tiny-resnet.tar")
+    with open(train_zip, "rb") as f:
+        zip_file = client.files.create(file=f, purpose="fine-tune")
+    assert zip_file.status == "processed"
+    image_job = client.fine_tuning.jobs.create(
+        model=resnet, training_file=zip_file.id, hyperparameters={"n_epochs": 1, "batch_size": 16},
+        extra_body={"config": {"device": "cpu", "image_size": 16, "head": {"type": "mlp", "hidden_sizes": [8]},
+                               "augmentation": {"image": {"horizontal_flip": 0.5}}}})
+
+    llama = _upload_folder(client, save_tiny_llama(tmp_path / "llama"), "tiny-llama.tar")
+    with open(write_jsonl(tmp_path / "chat.jsonl", chat_rows(48)), "rb") as f:
+        chat = client.files.create(file=f, purpose="fine-tune")
+    chat_job = client.fine_tuning.jobs.create(
+        model=llama, training_file=chat.id, hyperparameters={"n_epochs": 1, "batch_size": 8},
+        extra_body={"config": {"device": "cpu", "max_length": 64, "packing": True,
+                               "lora": {"r": 4, "alpha": 8}, "scheduler": {"name": "cosine"}}})
+
+    for job, task in ((image_job, "image-classification"), (chat_job, "causal-lm")):
+        done = wait_done(client, service, job.id)
+        assert done.status == "succeeded", (done.error, service[0].dump_logs())
+        assert done.model_extra["task"] == task
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+        assert any(m.startswith(f"Files validated for {task}") for m in messages)
+        assert client.models.retrieve(done.fine_tuned_model).model_extra["task"] == task
