@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,6 +71,8 @@ def show(label: str, metrics: dict | None) -> None:
 
 
 def main() -> None:
+    # A SIGTERM (Ctrl-C's cousin, e.g. from `timeout`) must still run the finally below and stop the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-url")
     ap.add_argument("--api-key")
