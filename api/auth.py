@@ -1,22 +1,39 @@
 """API keys `lathe_<id>_<secret>`: the id is stored in clear to find the row, the secret only as its
-sha256, compared in constant time."""
+sha256, compared in constant time. A key may be revoked (at once, for good) or carry an expiry."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.db.models import ApiKey, Tenant, new_id, now
+from api.errors import Unauthorized
 
 PREFIX = "lathe"
+WRONG_KEY = "Incorrect API key provided."
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the key's public id (what rate limits count on) and its tenant."""
+
+    key_id: str
+    tenant: Tenant
 
 
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def key_id_of(text: str) -> str:
+    """The public id in a whole key (`lathe_<id>_<secret>`), or `text` itself when it is an id."""
+    prefix, _, rest = text.partition("_")
+    return rest.partition("_")[0] if prefix == PREFIX and rest else text
 
 
 def get_or_create_tenant(session: Session, *, tenant_name: str) -> Tenant:
@@ -29,8 +46,15 @@ def get_or_create_tenant(session: Session, *, tenant_name: str) -> Tenant:
 
 
 def create_key(session: Session, *, tenant_name: str, expires_at: int | None = None) -> str:
-    """Make a key for `tenant_name` (creating the tenant if missing); the plaintext is returned
-    once and never stored. The caller commits."""
+    """Make a key for `tenant_name` (creating the tenant if missing).
+
+    Args:
+        tenant_name: the tenant the key acts for.
+        expires_at: unix seconds from which the key is refused; None for a key that never expires.
+
+    Returns:
+        The whole key; it is not stored and can't be shown again. The caller commits.
+    """
     tenant = get_or_create_tenant(session, tenant_name=tenant_name)
     key_id = secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
@@ -40,25 +64,54 @@ def create_key(session: Session, *, tenant_name: str, expires_at: int | None = N
     return f"{PREFIX}_{key_id}_{secret}"
 
 
-def authenticate(session: Session, raw_key: str) -> Tenant | None:
-    """The tenant a key belongs to, or None for a malformed, unknown, revoked or expired key."""
+def verify_key(session: Session, raw_key: str) -> Caller:
+    """The caller a bearer key stands for.
+
+    Raises:
+        Unauthorized: `invalid_api_key` for a malformed, unknown, wrong or revoked key (one answer, so
+            it tells nothing about which ids exist); `expired_api_key` for a key past its expiry, said
+            only once the secret has matched.
+    """
     prefix, _, rest = raw_key.partition("_")
     key_id, _, secret = rest.partition("_")
     if prefix != PREFIX or not key_id or not secret or len(key_id) > 40:
-        return None
+        raise Unauthorized(WRONG_KEY)
     key = session.get(ApiKey, key_id)
     # Compare even when the id is unknown, so timing says nothing about which ids exist.
     expected = key.secret_hash if key is not None else _hash("")
-    if not hmac.compare_digest(expected, _hash(secret)) or key is None:
+    if not hmac.compare_digest(expected, _hash(secret)) or key is None or key.revoked_at is not None:
+        raise Unauthorized(WRONG_KEY)
+    if key.expires_at is not None and key.expires_at <= now():
+        raise Unauthorized("This API key has expired; create a new one with `lathe keys create`.",
+                           code="expired_api_key")
+    tenant = session.get(Tenant, key.tenant_id)
+    if tenant is None:  # the tenant row went away under the key
+        raise Unauthorized(WRONG_KEY)
+    return Caller(key_id=key.id, tenant=tenant)
+
+
+def authenticate(session: Session, raw_key: str) -> Tenant | None:
+    """The tenant a key belongs to, or None for a malformed, unknown, revoked or expired key."""
+    try:
+        return verify_key(session, raw_key).tenant
+    except Unauthorized:
         return None
-    if key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= now()):
-        return None
-    return session.get(Tenant, key.tenant_id)
 
 
 def revoke_key(session: Session, *, key_id: str) -> bool:
+    """Revoke a key at once. Returns False when there is no such key or it was revoked already."""
     key = session.get(ApiKey, key_id)
     if key is None or key.revoked_at is not None:
         return False
     key.revoked_at = now()
+    return True
+
+
+def expire_key(session: Session, *, key_id: str, at: int) -> bool:
+    """Set when a key stops working (unix seconds; now or earlier ends it at once, a later time
+    brings its end forward or pushes it back). Returns False when there is no such key."""
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        return False
+    key.expires_at = at
     return True

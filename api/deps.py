@@ -1,4 +1,4 @@
-"""Request dependencies: settings, a DB session, the authenticated tenant."""
+"""Request dependencies: settings, a DB session, the authenticated caller and its tenant."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from api.auth import authenticate
+from api.auth import Caller, verify_key
 from api.db.models import Tenant
 from api.errors import Unauthorized
 from api.settings import Settings
+
+BEARER = {"WWW-Authenticate": "Bearer"}
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -28,20 +30,27 @@ def get_session(request: Request) -> Iterator[Session]:
             raise
 
 
-def get_tenant(request: Request, session: Annotated[Session, Depends(get_session)]) -> Tenant:
+def get_caller(request: Request, session: Annotated[Session, Depends(get_session)]) -> Caller:
+    """The key and tenant behind `Authorization: Bearer <key>`; 401 (OpenAI's body) without a valid one."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("Missing API key: send `Authorization: Bearer <key>`.",
-                           headers={"WWW-Authenticate": "Bearer"})
-    tenant = authenticate(session, token.strip())
-    if tenant is None:
-        raise Unauthorized("Incorrect API key provided.", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("Missing API key: send `Authorization: Bearer <key>`.", headers=BEARER)
+    try:
+        caller = verify_key(session, token.strip())
+    except Unauthorized as exc:
+        exc.headers = BEARER
+        raise
     # End the read transaction now: an upload may stream for minutes before the route writes.
     session.commit()
-    return tenant
+    return caller
+
+
+def get_tenant(caller: Annotated[Caller, Depends(get_caller)]) -> Tenant:
+    return caller.tenant
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
+CallerDep = Annotated[Caller, Depends(get_caller)]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]

@@ -100,6 +100,7 @@ def install_handlers(app: Any) -> None:
 
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from sqlalchemy.exc import DataError as SQLDataError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     log = logging.getLogger("lathe.api")
@@ -122,6 +123,15 @@ def install_handlers(app: Any) -> None:
         body = error_body(message, param=dotted_param(first.get("loc", ())), code="invalid_payload")
         return JSONResponse(body, status_code=422)
 
+    async def data_error(_request, exc: Exception) -> JSONResponse:
+        # The database refused a value taken from the request: PostgreSQL rejects a NUL character in
+        # any text parameter (an id in the path, a cursor, a metadata filter) and integers past a
+        # column's range. Bad input, not a server fault (schemathesis found ~20 such 500s).
+        log.info("database refused a request value: %s", getattr(exc, "orig", exc))
+        body = error_body("A value in the request can't be used (e.g. it contains a NUL character or a number "
+                          "out of range).", code="invalid_value")
+        return JSONResponse(body, status_code=400)
+
     async def server_error(_request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         return JSONResponse(error_body("internal server error", type="server_error"), status_code=500)
@@ -129,4 +139,5 @@ def install_handlers(app: Any) -> None:
     app.add_exception_handler(LatheError, lathe_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, request_validation_error)
+    app.add_exception_handler(SQLDataError, data_error)
     app.add_exception_handler(Exception, server_error)

@@ -8,10 +8,16 @@ import sys
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from api.errors import install_handlers
+from api.limits import (
+    KeyRateLimiter,
+    check_upload_room,
+    install_quota_checks,
+    rate_limit,
+)
 from api.metrics import MetricsMiddleware, make_registry
 from api.publisher import Publisher
 from api.routes import files, health, job_data, jobs, models
@@ -33,6 +39,12 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
+    # API keys are bearer tokens (OpenAI's scheme); every /v1 operation needs one.
+    schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, path_item in schema.get("paths", {}).items():
+        for op in path_item.values():
+            if isinstance(op, dict) and path.startswith("/v1/"):
+                op["security"] = [{"bearer": []}]
     for path_item in schema.get("paths", {}).values():
         for op in path_item.values():
             name = op.pop("x-lathe-body", None) if isinstance(op, dict) else None
@@ -53,18 +65,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     settings = settings or get_settings()
     factory = session_factory(settings.sqlalchemy_url)
+    install_quota_checks(factory, settings)
     publisher = Publisher(settings)
+    rate_limiter = KeyRateLimiter.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
         publisher.close()
+        rate_limiter.close()
 
     app = FastAPI(title="Lathe", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.session_factory = factory
     app.state.publish = publisher
     app.state.publisher = publisher
+    app.state.rate_limiter = rate_limiter
     app.state.sse_poll_seconds = 1.0
     app.state.predict_command = [sys.executable, "-m", "core.predict"]
     app.state.predict_timeout_seconds = 120.0
@@ -72,8 +88,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics_registry = registry
 
     install_handlers(app)
-    for module in (files, jobs, job_data, models, health):
-        app.include_router(module.router)
+    # Every /v1 request counts against its key's rate limit; /healthz, /readyz and /metrics never do.
+    for module in (files, jobs, job_data, models):
+        extra = [Depends(check_upload_room)] if module is files else []
+        app.include_router(module.router, dependencies=[Depends(rate_limit), *extra])
+    app.include_router(health.router)
     app.add_middleware(MetricsMiddleware, requests=requests, latency=latency)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

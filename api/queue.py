@@ -26,7 +26,7 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         result_backend=None,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S, **settings.broker_transport_options},
         worker_hijack_root_logger=False,
         worker_concurrency=settings.worker_concurrency,
         task_serializer="json",

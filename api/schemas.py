@@ -27,6 +27,60 @@ class Deleted(BaseModel):
     deleted: bool = True
 
 
+# --- errors --------------------------------------------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong, for a person to read.")
+    type: str = Field(description="invalid_request_error | authentication_error | rate_limit_error | server_error")
+    param: str | None = Field(description="The field, header or path parameter at fault (dotted for nested fields).")
+    code: str | None = Field(description="A stable machine-readable reason, e.g. file_not_found, file_too_large.")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, the body of every 4xx and 5xx answer."""
+
+    error: ErrorDetail
+
+
+ERROR_DESCRIPTIONS = {
+    400: ("Bad input: a field's value (named in `param`), a malformed upload or dataset (the line in `message`), "
+          "or a value no object can have (e.g. a NUL character in an id)."),
+    401: "No API key, or a wrong, revoked or expired one.",
+    404: "No such object for this tenant (another tenant's object answers the same).",
+    409: "Not allowed in the object's current state, or an Idempotency-Key reused with another request.",
+    413: "The upload exceeds the size limit, or would exceed the tenant's storage quota.",
+    422: "Malformed payload or query parameter (e.g. not a JSON object, a limit out of range).",
+    429: "Rate limit or tenant quota reached; `Retry-After` says when to try again.",
+    504: "The operation did not finish in time.",
+}
+_ERROR_HEADERS = {
+    401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "`Bearer`."}},
+    429: {"Retry-After": {"schema": {"type": "string"}, "description": "Seconds to wait before retrying."}},
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting the given error statuses with OpenAI's error body.
+
+    Declaring 422 here also replaces FastAPI's default `HTTPValidationError`, which is not the
+    shape the API answers with (api.errors renders every failure as `{"error": {...}}`).
+
+    Args:
+        statuses: HTTP status codes the operation can answer with, besides its success.
+
+    Returns:
+        A mapping for a route's or a router's `responses=`.
+    """
+    return {status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status],
+                     **({"headers": _ERROR_HEADERS[status]} if status in _ERROR_HEADERS else {})}
+            for status in statuses}
+
+
+# Every /v1 route: the key is checked, parameters are validated (400 for a value the database refuses,
+# e.g. a NUL character in an id), per-key rate limits and tenant quotas apply.
+V1_ERRORS = error_responses(400, 401, 422, 429)
+
+
 # --- files ---------------------------------------------------------------------------------------
 
 class FileObject(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,7 +27,26 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker renews its lease.")
     cancel_grace_seconds: float = Field(30.0, ge=0, description="Time a training process gets to checkpoint on cancel.")
     worker_concurrency: int = Field(1, ge=1, description="Jobs one worker runs at once.")
+    retry_backoff_seconds: float = Field(
+        5.0, ge=0, description="Wait before retrying a job after an infrastructure failure; doubles with each "
+                               "attempt, capped at 5 minutes.")
+    sweep_stale_after_seconds: float = Field(
+        600.0, gt=0, description="How long a job may wait in queued/validating_files before the sweeper "
+                                 "publishes its message again (the broker may have lost it).")
+    broker_transport_options: dict[str, Any] = Field(
+        default_factory=dict, description="Kombu Redis transport options (JSON), merged over Lathe's defaults "
+                                          "(visibility_timeout: 7 days).")
     dev_key_file: Path | None = Field(None, description="Where `lathe serve` writes its dev key; default data_dir/dev-key.")
+    rate_limit: str | None = Field("600/minute", description=(
+        "Requests per API key in `limits` notation (`600/minute`, `20/second;1000/hour`), counted in "
+        "Redis over a moving window; empty or `none` disables."))
+    upload_rate_limit: str | None = Field("60/minute", description=(
+        "Uploads (POST /v1/files) per API key, on top of rate_limit; empty or `none` disables."))
+    max_active_jobs: int = Field(8, ge=1, description=(
+        "Unfinished jobs a tenant may have at once (a tenant's own max_active_jobs overrides it)."))
+    max_stored_bytes: int = Field(100 * 1024**3, ge=0, description=(
+        "Bytes a tenant may keep: uploaded files (model archives as extracted) + exported models "
+        "(a tenant's own max_stored_bytes overrides it)."))
 
     @property
     def resolved_data_dir(self) -> Path:

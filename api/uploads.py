@@ -102,7 +102,7 @@ class _Receiver:
         else:
             self._field += chunk
             if len(self._field) > MAX_FIELD_BYTES:
-                raise BadRequest(f"Form field {self._name!r} is too long.", param=self._name)
+                raise BadRequest(f"Form field {self._name!r} is too long.", param=self._name or None)
 
     def _part_end(self) -> None:
         if self._is_file:

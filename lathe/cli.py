@@ -4,18 +4,22 @@
     lathe api [--host] [--port]     the API alone (runs migrations first)
     lathe worker                    a Celery worker alone (+ the lease sweeper)
     lathe migrate                   upgrade the database schema
-    lathe keys create --tenant T    print a new API key (last line)
-    lathe keys list / revoke ID
+    lathe keys create --tenant T [--expires-in 30d | --expires-at ISO]   print a new API key (last line)
+    lathe keys list / revoke ID / expire ID [--at ISO|now]
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
+from pydantic import TypeAdapter, ValidationError
+from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from api.settings import get_settings
 
@@ -80,37 +84,91 @@ def migrate() -> None:
     console.print("database is at the newest schema")
 
 
+def _parse_when(text: str) -> int:
+    """`now` or an ISO 8601 time (`2027-01-31`, `2027-01-31T12:00:00+02:00`; no zone means UTC) as unix seconds."""
+    if text.strip().lower() == "now":
+        return int(time.time())
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not an ISO 8601 time (e.g. 2027-01-31T12:00:00Z) or 'now'") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp())
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _parse_duration(text: str) -> int:
+    """`30d`, `12h`, `90m`, `45s`, `2w`, or ISO 8601 (`P30D`, `PT12H`) as seconds."""
+    text = text.strip()
+    number, unit = text[:-1], text[-1:].lower()
+    if number.isdigit() and unit in _UNITS:
+        seconds = int(number) * _UNITS[unit]
+    else:
+        try:
+            seconds = int(TypeAdapter(timedelta).validate_python(text).total_seconds())
+        except ValidationError:
+            raise typer.BadParameter(f"{text!r} is not a duration like 30d, 12h, 90m or P30D") from None
+    if seconds <= 0:
+        raise typer.BadParameter("the duration must be positive")
+    return seconds
+
+
+def _show_time(seconds: int | None) -> str:
+    return "-" if seconds is None else datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M")
+
+
 @keys.command("create")
-def keys_create(tenant: Annotated[str, typer.Option(help="Tenant the key acts for (created if new).")]) -> None:
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant the key acts for (created if new).")],
+    expires_in: Annotated[str | None, typer.Option(help="Key stops working after this long: 30d, 12h, 90m, P30D.")] = None,
+    expires_at: Annotated[str | None, typer.Option(help="Key stops working at this ISO 8601 time (UTC if no zone).")] = None,
+) -> None:
     """Create an API key; it is shown once, as the last line."""
     from api.auth import create_key
     from api.db.migrate import upgrade
     from api.db.session import session_scope
 
+    if expires_in and expires_at:
+        raise typer.BadParameter("give --expires-in or --expires-at, not both")
+    expiry = int(time.time()) + _parse_duration(expires_in) if expires_in else None
+    if expires_at:
+        expiry = _parse_when(expires_at)
+        if expiry <= int(time.time()):
+            raise typer.BadParameter(f"{expires_at} is not in the future", param_hint="--expires-at")
     settings = get_settings()
     upgrade(settings.sqlalchemy_url)
     with session_scope(settings.sqlalchemy_url) as session:
-        key = create_key(session, tenant_name=tenant)
-    console.print(f"API key for tenant {tenant!r} (stored hashed; shown only now):", highlight=False)
+        key = create_key(session, tenant_name=tenant, expires_at=expiry)
+    until = f", expires {_show_time(expiry)} UTC" if expiry else ""
+    console.print(f"API key for tenant {tenant!r}{until} (stored hashed; shown only now):", highlight=False)
     print(key)
 
 
 @keys.command("list")
 def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys.")] = None) -> None:
-    """List keys by their public prefix."""
+    """List keys by their public prefix (never the secret), with when they were made, expire and were revoked."""
     from sqlalchemy import select
 
     from api.db.models import ApiKey, Tenant
     from api.db.session import session_scope
 
-    table = Table("key prefix", "tenant", "created", "state")
+    # The prefix is what `revoke`/`expire` take: never wrapped or cut; narrow terminals wrap the dates.
+    dates = [Column(f"{name} (UTC)", min_width=10, overflow="fold") for name in ("created", "expires", "revoked")]
+    table = Table(Column("key prefix", no_wrap=True), Column("tenant", overflow="fold"), Column("state", no_wrap=True),
+                  *dates, box=box.SIMPLE, pad_edge=False)
+    current = int(time.time())
     with session_scope(get_settings().sqlalchemy_url) as session:
         query = select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id).order_by(ApiKey.created_at)
         if tenant:
             query = query.where(Tenant.name == tenant)
         for key, ten in session.execute(query):
-            state = "revoked" if key.revoked_at else "active"
-            table.add_row(f"lathe_{key.id}_…", ten.name, str(key.created_at), state)
+            expired = key.expires_at is not None and key.expires_at <= current
+            state = "revoked" if key.revoked_at else "expired" if expired else "active"
+            table.add_row(f"lathe_{key.id}", ten.name, state, _show_time(key.created_at), _show_time(key.expires_at),
+                          _show_time(key.revoked_at))
     console.print(table)
 
 
@@ -119,10 +177,11 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (lathe_
     """Revoke a key at once."""
     from sqlalchemy import update
 
+    from api.auth import key_id_of
     from api.db.models import ApiKey, now
     from api.db.session import session_scope
 
-    kid = key_id.split("_")[1] if key_id.startswith("lathe_") else key_id
+    kid = key_id_of(key_id)
     with session_scope(get_settings().sqlalchemy_url) as session:
         done = session.execute(update(ApiKey).where(ApiKey.id == kid, ApiKey.revoked_at.is_(None))
                                .values(revoked_at=now())).rowcount
@@ -130,6 +189,24 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (lathe_
         console.print(f"no active key {kid!r}")
         raise typer.Exit(1)
     console.print(f"revoked {kid}")
+
+
+@keys.command("expire")
+def keys_expire(
+    key_id: Annotated[str, typer.Argument(help="The key's id (lathe_<id>_...) or the whole key.")],
+    at: Annotated[str, typer.Option(help="When the key stops working: 'now' or an ISO 8601 time (UTC if no zone).")] = "now",
+) -> None:
+    """Set when a key expires: now (the default) or at a given time, earlier or later than before."""
+    from api.auth import expire_key, key_id_of
+    from api.db.session import session_scope
+
+    kid, when = key_id_of(key_id), _parse_when(at)
+    with session_scope(get_settings().sqlalchemy_url) as session:
+        done = expire_key(session, key_id=kid, at=when)
+    if not done:
+        console.print(f"no key {kid!r}")
+        raise typer.Exit(1)
+    console.print(f"key {kid} expires {_show_time(when)} UTC", highlight=False)
 
 
 def main() -> None:

@@ -103,7 +103,7 @@ def finalise(settings: Settings, job_id: str, attempt: int, done: ChildExit) -> 
         if not transition(session, job_id=job_id, from_states=[JobStatus.RUNNING], to_state=JobStatus.QUEUED,
                           attempt=attempt, queued_at=now(), **RELEASE_LEASE):
             return ""
-        delay = retry_backoff(attempt)
+        delay = retry_backoff(attempt, settings.retry_backoff_seconds)
         add_event(session, job_id=job_id, attempt=attempt, level="warn",
                   message=f"The training process was lost ({why}); retrying in {delay:.0f}s "
                           f"(attempt {attempt + 1} of {max_attempts}) from the last checkpoint")

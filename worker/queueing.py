@@ -33,6 +33,7 @@ def publish_run(settings: Settings, job_id: str, *, countdown: float | None = No
     celery_for(settings).send_task(RUN_TASK, args=[job_id], queue=settings.queue, countdown=countdown)
 
 
-def retry_backoff(attempt: int) -> float:
-    """Seconds before attempt `attempt + 1` starts: 5, 10, 20, ... capped at 5 minutes."""
-    return float(min(300, 5 * 2 ** max(0, attempt - 1)))
+def retry_backoff(attempt: int, base: float = 5.0) -> float:
+    """Seconds before attempt `attempt + 1` starts: base, 2 base, 4 base, ... (5, 10, 20, ... by
+    default), capped at 5 minutes."""
+    return float(min(300, base * 2 ** max(0, attempt - 1)))

@@ -55,6 +55,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         key = f"LATHE_{name.upper()}"
         if value is None:
             env.pop(key, None)
+        elif isinstance(value, (dict, list)):  # pydantic-settings reads complex values as JSON
+            env[key] = json.dumps(value)
         else:
             env[key] = str(value)
     env["LATHE_DATA_DIR"] = str(settings.resolved_data_dir)

@@ -6,9 +6,10 @@ compare-and-set, and a duplicate message finds nothing to claim).
   the lease while it lives). Running goes back to `queued` (the attempt stays; the next claim bumps
   it and resumes from the last checkpoint) and is re-published, or fails with `worker_lost` once
   `attempt >= max_attempts`; cancelling becomes `cancelled`; paused just loses its lease.
-- `queued`/`validating_files` for longer than `stale_after` seconds: the message may have been
-  lost (a broker restart without persistence); publish it again. On these states `lease_until`
-  means "not re-published before": it spaces re-publishing out, so a long queue is not flooded.
+- `queued`/`validating_files` for longer than `stale_after` seconds (LATHE_SWEEP_STALE_AFTER_SECONDS):
+  the message may have been lost (a broker restart without persistence, a FLUSHALL); publish it
+  again. On these states `lease_until` means "not re-published before": it spaces re-publishing
+  out, so a long queue is not flooded.
 """
 
 from __future__ import annotations
@@ -29,8 +30,15 @@ log = logging.getLogger(__name__)
 
 
 
-def sweep(settings: Settings, *, stale_after: float = 600.0) -> dict[str, list[str]]:
-    """One pass; returns the job ids acted on, by what was done."""
+def sweep(settings: Settings, *, stale_after: float | None = None) -> dict[str, list[str]]:
+    """One pass; returns the job ids acted on, by what was done.
+
+    Args:
+        settings: where the database and the broker are.
+        stale_after: seconds a queued/validating job may wait before its message is published
+            again; default `settings.sweep_stale_after_seconds` (10 minutes).
+    """
+    stale_after = settings.sweep_stale_after_seconds if stale_after is None else stale_after
     t = time.time()
     done: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": [], "released": [], "republished": []}
     publish: list[tuple[str, str]] = []

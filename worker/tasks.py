@@ -135,11 +135,28 @@ def claim(settings: Settings, job_id: str) -> int | None:
         return session.scalar(select(Job.attempt).where(Job.id == job_id))
 
 
+# What core.checkpoint.save_checkpoint writes (MODEL_FILE, TRAINING_FILE, STATE_FILE); spelled out
+# here because that module imports torch and the worker must not.
+CHECKPOINT_FILES = ("model.safetensors", "training_state.pt", "trainer_state.json")
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """Whether a checkpoint folder still holds every file a resume loads. A recorded folder can lose
+    files after the fact: a kill while rotation or a rerun of the same step deletes it, a full disk."""
+    return all((path / name).is_file() and (path / name).stat().st_size > 0 for name in CHECKPOINT_FILES)
+
+
 def latest_checkpoint(session, job_id: str) -> Checkpoint | None:  # noqa: ANN001
-    """The newest checkpoint of any attempt whose folder still exists (older ones get rotated)."""
+    """The newest recorded checkpoint of any attempt whose folder is still complete (older ones get
+    rotated away; a damaged one is skipped for the one before it rather than failing the resume)."""
     rows = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)
                            .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())).all()
-    return next((c for c in rows if Path(c.path).is_dir()), None)
+    for checkpoint in rows:
+        if checkpoint_complete(Path(checkpoint.path)):
+            return checkpoint
+        if Path(checkpoint.path).is_dir():
+            log.warning("job %s: checkpoint %s is incomplete; resuming from an earlier one", job_id, checkpoint.path)
+    return None
 
 
 def run_job(job_id: str, *, settings: Settings | None = None) -> str:

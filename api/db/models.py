@@ -49,6 +49,9 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    # Per-tenant quotas; NULL means the server's setting (LATHE_MAX_ACTIVE_JOBS / LATHE_MAX_STORED_BYTES).
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class ApiKey(Base):

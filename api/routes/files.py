@@ -16,16 +16,34 @@ from api.db.models import TERMINAL, File, FilePurpose, Job, new_id, now
 from api.db.queries import get_file
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import BadRequest, Conflict, NotFound
-from api.schemas import Deleted, FileObject, ListPage, file_object
+from api.schemas import V1_ERRORS, Deleted, FileObject, ListPage, error_responses, file_object
 from api.uploads import receive_upload
 from core.errors import DataError
 from core.formats import check_file, dataset_format
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=V1_ERRORS)
 
 UPLOAD_PURPOSES = (FilePurpose.FINE_TUNE, FilePurpose.MODEL)
 MEDIA_TYPES = {"csv": "text/csv", "jsonl": "application/jsonl", "parquet": "application/vnd.apache.parquet",
                "zip": "application/zip"}
+# The route streams the raw body itself (api.uploads), so FastAPI can't see the form: documented here.
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": (
+            "fine-tune: .jsonl, .csv, .parquet or a .zip of label/image folders; model: a .zip/.tar(.gz) of a "
+            "Hugging Face folder with safetensors weights. The name is kept as metadata only.")},
+        "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)},
+    }}}}}}
+CONTENT_TYPES = {t: {} for t in (*MEDIA_TYPES.values(), "application/octet-stream")}
+# OpenAPI links: what a new file's id is for (clients and schemathesis' stateful tests follow them).
+_CREATE_JOB = "#/paths/~1v1~1fine_tuning~1jobs/post"
+FILE_LINKS = {
+    "TrainOnFile": {"operationRef": _CREATE_JOB, "requestBody": {"training_file": "$response.body#/id"},
+                    "description": "A fine-tune file is a job's training_file (or validation_file, test_file)."},
+    "StartFromModelFile": {"operationRef": _CREATE_JOB, "requestBody": {"model": "$response.body#/id"},
+                           "description": "A model file is a job's base model."},
+}
 
 
 def _check_dataset(path: Path, filename: str) -> tuple[Path, dict]:
@@ -51,7 +69,8 @@ def _unpack_model(path: Path, filename: str, *, max_bytes: int, max_members: int
     return dest, {"format": "hf-folder", "archive": kind, "extracted_bytes": total, "files": files[:100]}
 
 
-@router.post("", response_model=FileObject)
+@router.post("", response_model=FileObject, responses={200: {"links": FILE_LINKS}, **error_responses(413)},
+             openapi_extra=UPLOAD_BODY)
 async def create_file(request: Request, settings: SettingsDep, tenant: TenantDep, session: SessionDep) -> FileObject:
     """Upload a file (multipart `file` + `purpose`): a dataset (fine-tune) or a model archive (model)."""
     file_id = new_id("file")
@@ -88,7 +107,7 @@ async def create_file(request: Request, settings: SettingsDep, tenant: TenantDep
     return file_object(row)
 
 
-@router.get("", response_model=ListPage[FileObject])
+@router.get("", response_model=ListPage[FileObject], responses=error_responses(404))
 def list_files(
     tenant: TenantDep, session: SessionDep,
     purpose: str | None = None,
@@ -121,13 +140,13 @@ def _owned(session, tenant_id: str, file_id: str) -> File:
     return row
 
 
-@router.get("/{file_id}", response_model=FileObject)
+@router.get("/{file_id}", response_model=FileObject, responses=error_responses(404))
 def retrieve_file(file_id: str, tenant: TenantDep, session: SessionDep) -> FileObject:
     """Get a file's metadata."""
     return file_object(_owned(session, tenant.id, file_id))
 
 
-@router.delete("/{file_id}", response_model=Deleted)
+@router.delete("/{file_id}", response_model=Deleted, responses=error_responses(404, 409))
 def delete_file(file_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> Deleted:
     """Delete a file; refused (409) while an unfinished job uses it."""
     row = _owned(session, tenant.id, file_id)
@@ -150,7 +169,7 @@ def delete_file(file_id: str, tenant: TenantDep, session: SessionDep, settings: 
 
 
 @router.get("/{file_id}/content", response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {}}}})
+            responses={200: {"content": CONTENT_TYPES}, **error_responses(404)})
 def file_content(file_id: str, tenant: TenantDep, session: SessionDep) -> FileResponse:
     """Download a dataset file's bytes (model files are stored extracted and can't be downloaded)."""
     row = _owned(session, tenant.id, file_id)

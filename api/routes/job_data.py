@@ -17,10 +17,10 @@ from api.db.models import TERMINAL, Checkpoint, Event, Job, Metric
 from api.deps import SessionDep, TenantDep
 from api.errors import NotFound
 from api.routes.jobs import owned_job
-from api.schemas import (JobCheckpoint, JobEvent, ListPage, MetricSeries, checkpoint_object, event_object,
-                         metric_point)
+from api.schemas import (V1_ERRORS, JobCheckpoint, JobEvent, ListPage, MetricSeries, checkpoint_object,
+                         error_responses, event_object, metric_point)
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=V1_ERRORS)
 
 STREAM_BATCH = 500
 
@@ -34,7 +34,8 @@ def _event_seq(session: Session, job_id: str, event_id: str, param: str = "after
 
 @router.get("/{fine_tuning_job_id}/events", response_model=ListPage[JobEvent],
             responses={200: {"content": {"text/event-stream": {}},
-                             "description": "A page of events, or with stream=true an SSE stream, oldest first."}})
+                             "description": "A page of events, or with stream=true an SSE stream, oldest first."},
+                       **error_responses(404)})
 def list_events(
     request: Request, fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep,
     after: Annotated[str | None, Query(description="An event id: older events (newest-first paging), "
@@ -82,7 +83,8 @@ async def _follow(request: Request, job_id: str, after_seq: int) -> AsyncIterato
             await anyio.sleep(interval)
 
 
-@router.get("/{fine_tuning_job_id}/checkpoints", response_model=ListPage[JobCheckpoint])
+@router.get("/{fine_tuning_job_id}/checkpoints", response_model=ListPage[JobCheckpoint],
+            responses=error_responses(404))
 def list_checkpoints(
     fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep,
     after: Annotated[str | None, Query(description="A checkpoint id: list older checkpoints.")] = None,
@@ -104,11 +106,12 @@ def list_checkpoints(
                     last_id=data[-1].id if data else None)
 
 
-@router.get("/{fine_tuning_job_id}/metrics", response_model=MetricSeries)
+@router.get("/{fine_tuning_job_id}/metrics", response_model=MetricSeries, responses=error_responses(404))
 def list_metrics(
     fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep,
     split: Annotated[str | None, Query(pattern="^(train|valid|test|baseline_test)$")] = None,
-    after_step: Annotated[int | None, Query(ge=0, description="Only points after this step.")] = None,
+    # Capped at the step column's range (PostgreSQL INTEGER): a larger value was a 500 (found by schemathesis).
+    after_step: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="Only points after this step.")] = None,
 ) -> MetricSeries:
     """The metric time series of the job's current attempt, by step."""
     job = owned_job(session, tenant_id=tenant.id, job_id=fine_tuning_job_id)

@@ -19,11 +19,11 @@ from api.db.queries import add_event, get_checkpoint, get_file, get_job, transit
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import BadRequest, Conflict, NotFound, dotted_param
 from api.queue import RUN_TASK, VALIDATE_TASK
-from api.schemas import FineTuningJob, JobCreate, ListPage, job_object
+from api.schemas import V1_ERRORS, FineTuningJob, JobCreate, ListPage, error_responses, job_object
 from api.settings import Settings
 from core.spec import Hyperparameters, JobSpec
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=V1_ERRORS)
 
 # As strict as worker.base_model.HUB_ID, so what is accepted here resolves there.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -123,11 +123,13 @@ def _by_key(session: Session, tenant_id: str, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
 
 
-@router.post("", response_model=FineTuningJob, openapi_extra=JOB_CREATE_BODY)
+@router.post("", response_model=FineTuningJob, openapi_extra=JOB_CREATE_BODY,
+             responses=error_responses(404, 409))
 def create_job(
     request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     payload: Annotated[dict[str, Any], Body()],
-    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+    # An empty key was stored like a real one and the second such request hit the unique index: a 500.
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=256)] = None,
 ) -> FineTuningJob:
     """Create a fine-tuning job; it starts in validating_files."""
     body: JobCreate = validated(JobCreate, payload)
@@ -164,7 +166,7 @@ def create_job(
     return job_object(job)
 
 
-@router.get("", response_model=ListPage[FineTuningJob])
+@router.get("", response_model=ListPage[FineTuningJob], responses=error_responses(404))
 def list_jobs(
     request: Request, tenant: TenantDep, session: SessionDep,
     after: Annotated[str | None, Query(description="A job id: list the jobs created before it.")] = None,
@@ -193,7 +195,7 @@ def owned_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     return job
 
 
-@router.get("/{fine_tuning_job_id}", response_model=FineTuningJob)
+@router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=error_responses(404))
 def retrieve_job(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep) -> FineTuningJob:
     """Get a job."""
     return job_object(owned_job(session, tenant_id=tenant.id, job_id=fine_tuning_job_id))
@@ -213,7 +215,7 @@ def _move(session: Session, job: Job, moves: dict[JobStatus, JobStatus], message
     return True
 
 
-@router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob)
+@router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob, responses=error_responses(404, 409))
 def cancel_job(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep) -> FineTuningJob:
     """Cancel a job: at once when it is not running, else it becomes cancelling until the worker stops it."""
     job = owned_job(session, tenant_id=tenant.id, job_id=fine_tuning_job_id)
@@ -227,7 +229,7 @@ def cancel_job(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep) 
     raise Conflict(f"Job {job.id} is {job.status} and can't be cancelled.", param="fine_tuning_job_id")
 
 
-@router.post("/{fine_tuning_job_id}/pause", response_model=FineTuningJob)
+@router.post("/{fine_tuning_job_id}/pause", response_model=FineTuningJob, responses=error_responses(404, 409))
 def pause_job(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep) -> FineTuningJob:
     """Pause a job: a running one checkpoints and frees its worker; resume continues from there."""
     job = owned_job(session, tenant_id=tenant.id, job_id=fine_tuning_job_id)
@@ -239,7 +241,7 @@ def pause_job(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep) -
     raise Conflict(f"Job {job.id} is {job.status} and can't be paused.", param="fine_tuning_job_id")
 
 
-@router.post("/{fine_tuning_job_id}/resume", response_model=FineTuningJob)
+@router.post("/{fine_tuning_job_id}/resume", response_model=FineTuningJob, responses=error_responses(404, 409))
 def resume_job(request: Request, fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep) -> FineTuningJob:
     """Resume a paused job: back to the queue (or to file validation if it was paused before it)."""
     job = owned_job(session, tenant_id=tenant.id, job_id=fine_tuning_job_id)

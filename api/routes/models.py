@@ -18,9 +18,10 @@ from starlette.concurrency import run_in_threadpool
 from api.db.models import TERMINAL, Job, Model
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import BadRequest, Conflict, LatheError, NotFound
-from api.schemas import Deleted, ListPage, ModelObject, PredictRequest, PredictResponse, model_object
+from api.schemas import (V1_ERRORS, Deleted, ListPage, ModelObject, PredictRequest, PredictResponse, error_responses,
+                         model_object)
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=V1_ERRORS)
 log = logging.getLogger("lathe.api")
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout, so `python -m core.predict` resolves
@@ -44,7 +45,7 @@ def list_models(tenant: TenantDep, session: SessionDep) -> ListPage[ModelObject]
 
 # The {model:path} routes with a suffix come first: model ids contain ':' and may contain '/'.
 @router.get("/{model:path}/content", response_class=FileResponse,
-            responses={200: {"content": {"application/x-tar": {}}}})
+            responses={200: {"content": {"application/x-tar": {}}}, **error_responses(404)})
 def model_content(model: str, tenant: TenantDep, session: SessionDep) -> FileResponse:
     """Download the model as a .tar of its Hugging Face folder (weights, config, tokenizer, spec, report)."""
     row = _owned(session, tenant.id, model)
@@ -55,7 +56,8 @@ def model_content(model: str, tenant: TenantDep, session: SessionDep) -> FileRes
     return FileResponse(path, media_type="application/x-tar", filename=name)
 
 
-@router.post("/{model:path}/predict", response_model=PredictResponse, response_model_exclude_none=True)
+@router.post("/{model:path}/predict", response_model=PredictResponse, response_model_exclude_none=True,
+             responses=error_responses(404, 504))
 async def predict(model: str, body: PredictRequest, request: Request, tenant: TenantDep,
                   session: SessionDep) -> PredictResponse:
     """Run a small batch of inputs through the model (a quick check, not a serving endpoint)."""
@@ -90,13 +92,13 @@ async def predict(model: str, body: PredictRequest, request: Request, tenant: Te
     return PredictResponse(data=result["predictions"])
 
 
-@router.get("/{model:path}", response_model=ModelObject)
+@router.get("/{model:path}", response_model=ModelObject, responses=error_responses(404))
 def retrieve_model(model: str, tenant: TenantDep, session: SessionDep) -> ModelObject:
     """Get a fine-tuned model."""
     return model_object(_owned(session, tenant.id, model))
 
 
-@router.delete("/{model:path}", response_model=Deleted)
+@router.delete("/{model:path}", response_model=Deleted, responses=error_responses(404, 409))
 def delete_model(model: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> Deleted:
     """Delete a fine-tuned model and its files; refused (409) while an unfinished job trains from it."""
     row = _owned(session, tenant.id, model)

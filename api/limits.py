@@ -1,0 +1,279 @@
+"""Per-key rate limits and per-tenant quotas.
+
+Rate limits (`LATHE_RATE_LIMIT`, and `LATHE_UPLOAD_RATE_LIMIT` on top of it for uploads) count
+requests per API key id (never the secret) over a moving window in the queue's Redis, with the
+`limits` library. Past a limit: 429 `rate_limit_exceeded` with `Retry-After` (seconds until the
+oldest counted request leaves the window), as OpenAI answers. When that Redis can't be reached
+the API keeps serving without limits (fails open) and logs a warning: a limiter outage must not
+become an API outage. /healthz, /readyz and /metrics are never limited (main.py attaches the
+limiter to the /v1 routers only).
+
+Quotas hold per tenant; a tenant's own columns override the settings:
+- active jobs (`LATHE_MAX_ACTIVE_JOBS`): creating one more unfinished job is a 429 with
+  `Retry-After: 30`. Waiting helps (a job finishes), so it is a rate-limit answer that SDKs retry.
+- stored bytes (`LATHE_MAX_STORED_BYTES`: uploaded files, model archives counted extracted, plus
+  exported models): an upload that would pass it is a 413 `storage_quota_exceeded` naming the quota
+  and the usage. Not a 429: waiting never frees storage (deleting files does), and a 429 would
+  make the openai SDK retry the whole upload for nothing.
+
+Both are checked where the row is inserted — a `before_flush` hook on the API's sessions — so the
+check runs in the transaction that creates the job or file, for every route that creates one. The
+check first locks the tenant's row, which serialises concurrent creates of one tenant on
+PostgreSQL (row lock) and SQLite (the write lock), so two requests can't both see room for one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from fastapi import Request
+from limits import RateLimitItem, parse_many
+from limits.errors import StorageError
+from limits.storage import RedisStorage
+from limits.strategies import MovingWindowRateLimiter
+from redis.exceptions import RedisError
+from sqlalchemy import event, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.db.models import TERMINAL, File, FilePurpose, Job, Model, Tenant
+from api.deps import CallerDep, SessionDep, SettingsDep
+from api.errors import RateLimited, TooLarge
+from api.settings import Settings
+
+log = logging.getLogger("lathe.api")
+
+# (method, route template) pairs that count against the upload limit and the storage precheck.
+UPLOAD_ROUTES = frozenset({("POST", "/v1/files")})
+ACTIVE_JOBS_RETRY_AFTER = 30  # seconds; a short job on a small model takes about this long
+UPLOAD_ENVELOPE = 1024 * 1024  # multipart headers and form fields around the file (as api.uploads)
+OFF = ("", "none", "off", "0")
+
+
+# --- rate limits ---------------------------------------------------------------------------------
+
+def parse_limits(text: str | None) -> list[RateLimitItem]:
+    """`"600/minute"` or `"20/second;1000/hour"` as `limits` items; [] for empty/none/off.
+
+    Raises:
+        ValueError: the text is not in `limits` notation (so a typo stops the server at start).
+    """
+    if text is None or text.strip().lower() in OFF:
+        return []
+    return parse_many(text)
+
+
+def is_upload(request: Request) -> bool:
+    route = request.scope.get("route")
+    return (request.method, getattr(route, "path", None)) in UPLOAD_ROUTES
+
+
+class KeyRateLimiter:
+    """Moving-window request limits per API key, counted in Redis.
+
+    Fails open: when Redis does not answer (connection refused, a 0.5 s timeout) the request is
+    served unlimited, a warning is logged, and Redis is left alone for `backoff_seconds`, so an
+    outage costs neither errors nor a timeout per request.
+    """
+
+    def __init__(self, redis_url: str | None, *, general: list[RateLimitItem], uploads: list[RateLimitItem],
+                 backoff_seconds: float = 5.0):
+        self.general, self.uploads, self.backoff_seconds = general, uploads, backoff_seconds
+        self._storage: RedisStorage | None = None
+        self._limiter: MovingWindowRateLimiter | None = None
+        if redis_url and (general or uploads):
+            # Connects lazily: building the app never waits for Redis.
+            self._storage = RedisStorage(redis_url, key_prefix="lathe:ratelimit", socket_connect_timeout=0.5,
+                                         socket_timeout=0.5)
+            self._limiter = MovingWindowRateLimiter(self._storage)
+        self._skip_until = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyRateLimiter:
+        return cls(settings.redis_url, general=parse_limits(settings.rate_limit),
+                   uploads=parse_limits(settings.upload_rate_limit))
+
+    def close(self) -> None:
+        if self._storage is not None:
+            self._storage.get_connection().close()
+
+    def check(self, key_id: str, *, upload: bool) -> None:
+        """Count one request of key `key_id`.
+
+        Raises:
+            RateLimited: a limit is used up; `Retry-After` says when the next request fits.
+        """
+        if self._limiter is None or time.monotonic() < self._skip_until:
+            return
+        items = [("upload", item) for item in self.uploads] if upload else []
+        items += [("api", item) for item in self.general]
+        try:
+            for scope, item in items:
+                if not self._limiter.hit(item, scope, key_id):
+                    raise self._exceeded(item, scope, key_id, upload=scope == "upload")
+        except (RedisError, StorageError, OSError) as exc:
+            self._skip_until = time.monotonic() + self.backoff_seconds
+            log.warning("rate limits not enforced for %.0f s: Redis unreachable (%s: %s)",
+                        self.backoff_seconds, type(exc).__name__, exc)
+
+    def _exceeded(self, item: RateLimitItem, scope: str, key_id: str, *, upload: bool) -> RateLimited:
+        reset_at = self._limiter.get_window_stats(item, scope, key_id).reset_time  # type: ignore[union-attr]
+        wait = max(1, math.ceil(reset_at - time.time()))
+        what = "uploads" if upload else "requests"
+        unit = f"{item.multiples} {item.GRANULARITY.name}" if item.multiples > 1 else item.GRANULARITY.name
+        return RateLimited(
+            f"Rate limit reached for API key lathe_{key_id}: {item.amount} {what} per {unit}. "
+            f"Please try again in {wait}s.",
+            headers={"Retry-After": str(wait), "x-ratelimit-limit-requests": str(item.amount),
+                     "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": f"{wait}s"},
+        )
+
+
+def rate_limit(request: Request, caller: CallerDep) -> None:
+    """Dependency: count this request against its key's limits (after auth, so 401 comes first)."""
+    request.app.state.rate_limiter.check(caller.key_id, upload=is_upload(request))
+
+
+# --- quotas --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Quota:
+    max_active_jobs: int
+    max_stored_bytes: int
+
+
+def _quota(settings: Settings, max_active_jobs: int | None, max_stored_bytes: int | None) -> Quota:
+    return Quota(max_active_jobs if max_active_jobs is not None else settings.max_active_jobs,
+                 max_stored_bytes if max_stored_bytes is not None else settings.max_stored_bytes)
+
+
+def lock_tenant(session: Session, *, tenant_id: str, settings: Settings) -> Quota:
+    """Lock the tenant's row until the transaction ends and read its quotas.
+
+    A no-op UPDATE rather than SELECT ... FOR UPDATE because it locks on both dialects: PostgreSQL
+    holds the row lock, SQLite takes its database write lock (waiting out busy_timeout) as the
+    first statement of the transaction, so the counts read after it are current.
+    """
+    row = session.execute(
+        update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name)
+        .returning(Tenant.max_active_jobs, Tenant.max_stored_bytes)
+        .execution_options(synchronize_session=False)
+    ).one()
+    return _quota(settings, row.max_active_jobs, row.max_stored_bytes)
+
+
+def read_quota(session: Session, *, tenant_id: str, settings: Settings) -> Quota:
+    row = session.execute(select(Tenant.max_active_jobs, Tenant.max_stored_bytes).where(Tenant.id == tenant_id)).one()
+    return _quota(settings, row.max_active_jobs, row.max_stored_bytes)
+
+
+def active_jobs(session: Session, *, tenant_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant_id, Job.status.not_in([str(s) for s in TERMINAL]))) or 0
+
+
+def file_footprint(*, purpose: str, size: int, details: object) -> int:
+    """Bytes a file keeps on disk: a model archive is kept extracted, anything else as uploaded."""
+    extracted = details.get("extracted_bytes") if isinstance(details, dict) else None
+    return extracted if purpose == FilePurpose.MODEL and isinstance(extracted, int) else size
+
+
+def stored_bytes(session: Session, *, tenant_id: str) -> int:
+    """A tenant's files (`file_footprint`) plus its exported models."""
+    # Model files' extracted size is read from `details` here, not in SQL: PostgreSQL's `->>` parses
+    # the whole JSON document and fails on a \u0000 that a dataset's details may hold.
+    datasets = session.scalar(select(func.coalesce(func.sum(File.bytes), 0))
+                              .where(File.tenant_id == tenant_id, File.purpose != FilePurpose.MODEL))
+    archives = session.execute(select(File.bytes, File.details)
+                               .where(File.tenant_id == tenant_id, File.purpose == FilePurpose.MODEL))
+    models = session.scalar(select(func.coalesce(func.sum(Model.bytes), 0)).where(Model.tenant_id == tenant_id))
+    extracted = sum(file_footprint(purpose=FilePurpose.MODEL, size=size, details=details) for size, details in archives)
+    return int(datasets or 0) + extracted + int(models or 0)
+
+
+def _size(n: int) -> str:
+    """`1,234 bytes`, with a binary-unit reading for sizes past a KiB: `5,368,709,120 bytes (5.0 GiB)`."""
+    if n < 1024:
+        return f"{n:,} bytes"
+    value, unit = float(n), "bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{n:,} bytes ({value:.1f} {unit})"
+
+
+def storage_exceeded(*, used: int, adding: int, quota: int) -> TooLarge:
+    return TooLarge(
+        f"Storage quota exceeded: this upload ({_size(adding)}) would bring your stored files and models "
+        f"over your quota of {_size(quota)}; {_size(used)} used now. Delete files or models you no longer need.",
+        param="file", code="storage_quota_exceeded")
+
+
+def enforce_job_quota(session: Session, *, tenant_id: str, settings: Settings, adding: int = 1) -> None:
+    """Lock the tenant and refuse `adding` more unfinished jobs past its quota. Call it in the
+    transaction that inserts them.
+
+    Raises:
+        RateLimited: 429 `active_jobs_limit_exceeded` with `Retry-After: 30`.
+    """
+    quota = lock_tenant(session, tenant_id=tenant_id, settings=settings)
+    active = active_jobs(session, tenant_id=tenant_id)
+    if active + adding > quota.max_active_jobs:
+        raise RateLimited(
+            f"Too many active fine-tuning jobs: you have {active} unfinished, and your quota is "
+            f"{quota.max_active_jobs} at once. Wait for one to finish, or cancel one, then retry.",
+            code="active_jobs_limit_exceeded", headers={"Retry-After": str(ACTIVE_JOBS_RETRY_AFTER)})
+
+
+def enforce_storage_quota(session: Session, *, tenant_id: str, settings: Settings, adding: int) -> None:
+    """Lock the tenant and refuse `adding` more stored bytes past its quota. Call it in the
+    transaction that inserts the file.
+
+    Raises:
+        TooLarge: 413 `storage_quota_exceeded`, naming the quota and the usage.
+    """
+    quota = lock_tenant(session, tenant_id=tenant_id, settings=settings)
+    used = stored_bytes(session, tenant_id=tenant_id)
+    if used + adding > quota.max_stored_bytes:
+        raise storage_exceeded(used=used, adding=adding, quota=quota.max_stored_bytes)
+
+
+def install_quota_checks(factory: sessionmaker[Session], settings: Settings) -> None:
+    """Check the quotas before any session from `factory` inserts jobs or files (see the module
+    docstring for why at flush). A refusal propagates out of `flush()`/`commit()`; the request's
+    session is then rolled back and the route removes what it wrote to disk."""
+
+    @event.listens_for(factory, "before_flush")
+    def _check_new_rows(session: Session, _context, _instances) -> None:
+        jobs: dict[str, int] = defaultdict(int)
+        stored: dict[str, int] = defaultdict(int)
+        for obj in session.new:
+            if isinstance(obj, Job):
+                jobs[obj.tenant_id] += 1
+            elif isinstance(obj, File):
+                stored[obj.tenant_id] += file_footprint(purpose=obj.purpose, size=obj.bytes, details=obj.details)
+        with session.no_autoflush:
+            for tenant_id, n in jobs.items():
+                enforce_job_quota(session, tenant_id=tenant_id, settings=settings, adding=n)
+            for tenant_id, n in stored.items():
+                enforce_storage_quota(session, tenant_id=tenant_id, settings=settings, adding=n)
+
+
+def check_upload_room(request: Request, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> None:
+    """Dependency for uploads: refuse at once (413) a body whose Content-Length can't fit in the
+    tenant's storage, before a byte is streamed. Chunked bodies, and model archives that grow when
+    extracted, are caught by the check at insert."""
+    length = request.headers.get("content-length", "")
+    if not is_upload(request) or not length.isdigit():
+        return
+    tenant_id = caller.tenant.id
+    quota = read_quota(session, tenant_id=tenant_id, settings=settings)
+    used = stored_bytes(session, tenant_id=tenant_id)
+    session.commit()  # no transaction stays open while the body streams
+    least = max(int(length) - UPLOAD_ENVELOPE, 0)  # the file inside is at least this large
+    if used + least > quota.max_stored_bytes:
+        raise storage_exceeded(used=used, adding=int(length), quota=quota.max_stored_bytes)
