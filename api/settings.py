@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ class Settings(BaseSettings):
     max_archive_bytes: int = Field(32 * 1024**3, description="Largest total size of an extracted model archive.")
     max_archive_members: int = Field(10_000, description="Most files in a model archive.")
     allow_hub_models: bool = Field(True, description="Whether `model` may name a Hugging Face hub id.")
+    hub_model_allowlist: str = Field(
+        "", description="Comma-separated shell patterns of hub ids `model` may name (e.g. "
+                        "`HuggingFaceTB/*,sentence-transformers/all-MiniLM-L6-v2`); empty: any hub id."
+    )
     max_attempts: int = Field(3, ge=1, description="Tries per job before it fails with worker_lost.")
     lease_seconds: int = Field(120, ge=5, description="How long a claim on a job lasts without a heartbeat.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker renews its lease.")
@@ -47,6 +52,13 @@ class Settings(BaseSettings):
     max_stored_bytes: int = Field(100 * 1024**3, ge=0, description=(
         "Bytes a tenant may keep: uploaded files (model archives as extracted) + exported models "
         "(a tenant's own max_stored_bytes overrides it)."))
+
+    def hub_model_allowed(self, name: str) -> bool:
+        """Whether `name` (already shaped like a hub id) may be fetched from the hub."""
+        if not self.allow_hub_models:
+            return False
+        patterns = [p.strip() for p in self.hub_model_allowlist.split(",") if p.strip()]
+        return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
     @property
     def resolved_data_dir(self) -> Path:

@@ -75,7 +75,7 @@ def resolve_base_model(session: Session, settings: Settings, job: Job) -> str:
             raise ModelError(f"No fine-tuned model {name!r}.", param="model", code="model_not_found")
         return model.path
 
-    if settings.allow_hub_models and HUB_ID.match(name):
+    if HUB_ID.match(name) and settings.hub_model_allowed(name):
         return name
     where = f" in the models directory ({settings.models_dir})" if settings.models_dir else ""
     raise ModelError(f"Model {name!r} not found{where}; name an uploaded model file id, a fine-tuned model"

@@ -94,6 +94,9 @@ def resolve_model(session: Session, settings: Settings, *, tenant_id: str, name:
     if get_checkpoint(session, tenant_id=tenant_id, name=name) is not None:
         return "checkpoint"
     if settings.allow_hub_models and HUB_ID.match(name) and ".." not in name:
+        if not settings.hub_model_allowed(name):
+            raise BadRequest(f"Hub model {name!r} is not in this server's allow-list (LATHE_HUB_MODEL_ALLOWLIST).",
+                             param="model", code="model_not_allowed")
         return "hub"
     raise NotFound(f"Model {name!r} not found: name an uploaded model file, a server model, one of your "
                    "fine-tuned models or checkpoints" + (" or a hub id." if settings.allow_hub_models else "."),

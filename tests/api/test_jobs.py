@@ -254,3 +254,15 @@ def test_idempotency_race(client, acme, train_file, settings, redis_client):
     assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
     assert len({r.json()["id"] for r in responses}) == 1
     assert len(queued_messages(redis_client, settings)) == 1
+
+
+def test_hub_models_can_be_restricted_to_an_allow_list(client, acme, train_file, settings):
+    settings.hub_model_allowlist = "HuggingFaceTB/*, sentence-transformers/all-MiniLM-L6-v2"
+    try:
+        err = assert_error(create(client, acme, model="bert-base-uncased", training_file=train_file), 400,
+                           param="model", code="model_not_allowed")
+        assert "allow-list" in err["message"]
+        for allowed in ("HuggingFaceTB/SmolLM2-135M", "sentence-transformers/all-MiniLM-L6-v2"):
+            assert create(client, acme, model=allowed, training_file=train_file).status_code == 200
+    finally:
+        settings.hub_model_allowlist = ""
