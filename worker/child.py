@@ -57,14 +57,19 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def _watch_parent(parent: int) -> None:
+def _watch_parent(supervisor: int) -> None:
     """The supervisor died (we were re-parented): its lease will lapse and the sweeper will requeue
-    the job, so this orphan must stop at once rather than train beside the next attempt."""
+    the job, so this orphan must stop at once rather than train beside the next attempt.
+
+    `supervisor` is the pid the supervisor passed on the command line, not our parent at the time
+    this thread starts: a supervisor killed while this process was still importing (a second or
+    more) has already left us re-parented then, and comparing with that parent would never fire.
+    """
     while True:
-        time.sleep(1.0)
-        if os.getppid() != parent:
+        if os.getppid() != supervisor:
             print("supervisor is gone; exiting", file=sys.stderr, flush=True)
             os._exit(EXIT_STALE)
+        time.sleep(1.0)
 
 
 def _configure_threads(concurrency: int) -> None:
@@ -79,14 +84,14 @@ def _result_fields(result: Any) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()}
 
 
-def run_attempt(job_id: str, attempt: int) -> int:
+def run_attempt(job_id: str, attempt: int, supervisor: int | None = None) -> int:
     settings = get_settings()
     paths = attempt_paths(settings.jobs_dir, job_id, attempt)
     plan = json.loads(paths["plan.json"].read_text())
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(supervisor or os.getppid(),), daemon=True).start()
 
     sink = DbSink(settings.sqlalchemy_url, job_id, attempt)
     try:
@@ -139,10 +144,10 @@ def run_attempt(job_id: str, attempt: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print("usage: python -m worker.child JOB_ID ATTEMPT", file=sys.stderr)
+    if len(argv) not in (3, 4):
+        print("usage: python -m worker.child JOB_ID ATTEMPT [SUPERVISOR_PID]", file=sys.stderr)
         return 2
-    return run_attempt(argv[1], int(argv[2]))
+    return run_attempt(argv[1], int(argv[2]), int(argv[3]) if len(argv) == 4 else None)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ def start_child(settings: Settings, job_id: str, attempt: int, plan: dict[str, A
     write_json_atomic(paths["plan.json"], plan)
     with open(paths["log"], "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.child", job_id, str(attempt)],
+            # Our pid, so that the child notices even a death of ours during its start-up.
+            [sys.executable, "-m", "worker.child", job_id, str(attempt), str(os.getpid())],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, env=settings_env(settings), cwd=str(REPO_ROOT),
         )

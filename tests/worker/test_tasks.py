@@ -342,3 +342,13 @@ def test_celery_app_is_torch_free():
             "assert not bad, bad")
     env = dict(os.environ, LATHE_REDIS_URL="redis://127.0.0.1:6379/13")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(__file__).parents[2])
+
+
+def test_child_started_after_its_supervisor_died_exits_at_once():
+    """The child compares its parent with the supervisor pid it was given, from the first check:
+    a supervisor killed while the child was still importing must not leave an orphan training."""
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", "from worker.child import _watch_parent; _watch_parent(1)"],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 75 and "supervisor is gone" in proc.stderr
+    assert time.monotonic() - started < 30  # the import dominates; no sleep before the first check
