@@ -129,6 +129,23 @@ def records(path: Path, fmt: str, *, param: str) -> Iterator[tuple[int, dict[str
         raise DataError(f"Unknown dataset format {fmt!r}.", param=param, code="invalid_file_format")
 
 
+def located_records(
+    path: Path, fmt: str, *, param: str, required: tuple[str, ...] = ()
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("line 3" or, for Parquet, "row 3", record) for every record, each holding the `required` keys.
+
+    Raises:
+        DataError: as `records`, or a record without a required key (naming its place and its keys).
+    """
+    unit = "row" if fmt == "parquet" else "line"
+    for number, record in records(path, fmt, param=param):
+        where = f"{unit} {number}"
+        for key in required:
+            if key not in record:
+                raise DataError(f"{where}: no {key!r} field (keys: {', '.join(record)}).", param=param)
+        yield where, record
+
+
 def _lines(path: Path, *, param: str) -> Iterator[str]:
     """Decoded lines (newlines kept), failing on the first line that is not UTF-8."""
     with open(path, "rb") as f:

@@ -114,11 +114,10 @@ def _conversations(path: Path, *, param: str, config: TrainingConfig) -> Iterato
         fmt = formats.dataset_format(path.name)
     except DataError as e:  # it blames "file"; here the request field is known
         raise DataError(e.message, param=param, code=e.code) from None
-    unit = "row" if fmt == "parquet" else "line"
     rows = 0
-    for line, record in formats.records(path, fmt, param=param):
+    for where, record in formats.located_records(path, fmt, param=param):
         rows += 1
-        yield _conversation(record, where=f"{unit} {line}", param=param, config=config)
+        yield _conversation(record, where=where, param=param, config=config)
     if rows == 0:
         raise DataError(f"{path.name} has no data rows.", param=param)
 

@@ -124,12 +124,7 @@ def _rows(path: Path, *, param: str, config: TrainingConfig) -> Iterator[tuple[s
         for column in (text_column, label_column):
             if column not in header:
                 raise DataError(f"{path.name} has no column {column!r} (columns: {', '.join(header)}).", param=param)
-    unit = "row" if fmt == "parquet" else "line"
-    for line, record in formats.records(path, fmt, param=param):
-        where = f"{unit} {line}"
-        for column in (text_column, label_column):
-            if column not in record:
-                raise DataError(f"{where}: no {column!r} field (keys: {', '.join(record)}).", param=param)
+    for where, record in formats.located_records(path, fmt, param=param, required=(text_column, label_column)):
         text = record[text_column]
         if not isinstance(text, str):
             raise DataError(f"{where}: {text_column!r} must be a string, not {formats.value_kind(text)}.", param=param)

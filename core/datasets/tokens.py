@@ -172,12 +172,7 @@ def _sentences(path: Path, *, param: str, config: TrainingConfig) -> Iterator[Ta
             code="invalid_file_format",
         )
     tokens_column, tags_column = config.tokens_column, config.tags_column
-    unit = "row" if fmt == "parquet" else "line"
-    for number, record in formats.records(path, fmt, param=param):
-        where = f"{unit} {number}"
-        for column in (tokens_column, tags_column):
-            if column not in record:
-                raise DataError(f"{where}: no {column!r} field (keys: {', '.join(record)}).", param=param)
+    for where, record in formats.located_records(path, fmt, param=param, required=(tokens_column, tags_column)):
         words = _strings(record[tokens_column], where=where, column=tokens_column, what="word", param=param)
         tags = [t.strip() for t in _strings(record[tags_column], where=where, column=tags_column, what="tag", param=param)]
         if not words:
