@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.db.models import ApiKey, Tenant, new_id, now
+from lathe.db.tables import ApiKey, Tenant, new_id, now
 from api.errors import Unauthorized
 
 PREFIX = "lathe"

@@ -9,9 +9,9 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.auth import Caller, verify_key
-from api.db.models import Tenant
+from lathe.db.tables import Tenant
 from api.errors import Unauthorized
-from api.settings import Settings
+from lathe.settings import Settings
 
 BEARER = {"WWW-Authenticate": "Bearer"}
 

@@ -39,10 +39,10 @@ from redis.exceptions import RedisError
 from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db.models import TERMINAL, File, FilePurpose, Job, Model, Tenant
+from lathe.db.tables import TERMINAL, File, FilePurpose, Job, Model, Tenant
 from api.deps import CallerDep, SessionDep, SettingsDep
 from api.errors import RateLimited, TooLarge
-from api.settings import Settings
+from lathe.settings import Settings
 
 log = logging.getLogger("lathe.api")
 

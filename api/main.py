@@ -18,11 +18,11 @@ from api.limits import (
     install_quota_checks,
     rate_limit,
 )
-from api.metrics import MetricsMiddleware, make_registry
-from api.publisher import Publisher
+from api.telemetry import MetricsMiddleware, make_registry
+from lathe.queue import Publisher
 from api.routes import files, health, job_data, jobs, models
 from api.schemas import JobCreate
-from api.settings import Settings, get_settings
+from lathe.settings import Settings, get_settings
 
 DESCRIPTION = """Self-hosted fine-tuning jobs behind OpenAI's fine-tuning API.
 
@@ -61,7 +61,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from api.db.session import session_factory
+    from lathe.db.session import session_factory
 
     settings = settings or get_settings()
     factory = session_factory(settings.sqlalchemy_url)

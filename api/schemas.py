@@ -7,7 +7,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.db.models import Checkpoint, Event, File, Job, Metric, Model
+from lathe.db.tables import Checkpoint, Event, File, Job, Metric, Model
 from core.spec import Hyperparameters, Task, TrainingConfig
 
 T = TypeVar("T")

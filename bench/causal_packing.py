@@ -32,10 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.data import BatchSampler  # noqa: E402
+from core.sampling import BatchSampler  # noqa: E402
 from core.spec import JobSpec  # noqa: E402
-from core.tasks import DataFiles  # noqa: E402
-from core.tasks.causal_lm import CausalLM  # noqa: E402
+from core.adapters import DataFiles  # noqa: E402
+from core.adapters.causal_lm import CausalLM  # noqa: E402
 from tests.tiny_causal import build_tokenizer, save_tiny_llama  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "alpaca_en_demo" / "train.jsonl"

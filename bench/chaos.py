@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import select
 
-from api.db.models import (
+from lathe.db.tables import (
     TERMINAL,
     Checkpoint,
     Event,
@@ -67,7 +67,7 @@ from api.db.models import (
     Metric,
     Model,
 )
-from api.db.session import engine_for, session_scope
+from lathe.db.session import engine_for, session_scope
 from lathe.stack import Child, free_port, redis_command, wait_for_port
 
 LEASE_SECONDS = 5
@@ -515,7 +515,7 @@ def report(args: argparse.Namespace, jobs: list[str], faults: Counter, hits: lis
 def prepare(root: Path, db_url: str) -> str:
     """The schema, an API key and the tiny BERT in the models folder; returns the key."""
     from api.auth import create_key
-    from api.db.migrate import upgrade
+    from lathe.db.migrate import upgrade
     from tests.tiny_models import save_tiny_bert
 
     save_tiny_bert(root / "models" / "tiny-bert")

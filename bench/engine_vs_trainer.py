@@ -45,7 +45,7 @@ from core.callbacks import Callback
 from core.device import bf16_native
 from core.engine import RunPaths, run
 from core.formats import sort_labels
-from core.models import load_classifier
+from core.loading import load_classifier
 from core.sink import ListSink
 from core.spec import (
     Hyperparameters,

@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from api.auth import create_key  # noqa: E402
-from api.db.migrate import upgrade  # noqa: E402
-from api.db.session import engine_for, session_scope  # noqa: E402
+from lathe.db.migrate import upgrade  # noqa: E402
+from lathe.db.session import engine_for, session_scope  # noqa: E402
 
 MiB = 1024 * 1024
 ROW_BYTES = 1024

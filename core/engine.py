@@ -1,6 +1,6 @@
 """The fine-tuning engine: one explicit training loop, top to bottom, for every task.
 
-`run` asks the task's adapter (core.tasks) for the data, the model and the loss, applies the model
+`run` asks the task's adapter (core.adapters) for the data, the model and the loss, applies the model
 surgery of the spec (core.surgery: dropout, freezing, LoRA, gradient checkpointing), builds the
 optimizer and schedule (core.optim), trains, and exports. Accumulation, the L1 term, clipping and
 scheduler steps are in the loop; everything that is not the math (evaluation and checkpoint
@@ -41,7 +41,7 @@ from core.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from core.data import BatchSampler
+from core.sampling import BatchSampler
 from core.datasets import infer_task
 from core.device import Precision, is_out_of_memory, resolve_device, resolve_precision
 from core.errors import EngineError, OutOfMemoryError
@@ -50,7 +50,7 @@ from core.optim import build_optimizer, build_scheduler, clip_gradients, decayed
 from core.sink import MetricsSink
 from core.spec import JobSpec, Task, TrainingConfig
 from core.surgery import GradualUnfreezing, prepare_model
-from core.tasks import DataFiles, TaskAdapter, TaskData, adapter_for
+from core.adapters import DataFiles, TaskAdapter, TaskData, adapter_for
 
 KEEP_LAST_CHECKPOINTS = 2
 

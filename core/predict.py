@@ -80,7 +80,7 @@ def load_for_inference(model_dir: Path, task: str) -> tuple[Any, Any]:
     """
     import transformers
 
-    from core.models import check_model_source, load_tokenizer
+    from core.loading import check_model_source, load_tokenizer
     from core.surgery import restore_head
 
     if not model_dir.is_dir():

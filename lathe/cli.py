@@ -21,7 +21,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Column, Table
 
-from api.settings import get_settings
+from lathe.settings import get_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lathe: fine-tuning as a job API.")
 keys = typer.Typer(no_args_is_help=True, help="Manage API keys.")
@@ -46,7 +46,7 @@ def api(host: Host = "127.0.0.1", port: Port = 8000,
     """Run the HTTP API alone (migrates the database first)."""
     import uvicorn
 
-    from api.db.migrate import upgrade
+    from lathe.db.migrate import upgrade
 
     upgrade(get_settings().sqlalchemy_url)
     uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers,
@@ -78,7 +78,7 @@ def worker(
 @app.command()
 def migrate() -> None:
     """Upgrade the database to the newest schema."""
-    from api.db.migrate import upgrade
+    from lathe.db.migrate import upgrade
 
     upgrade(get_settings().sqlalchemy_url)
     console.print("database is at the newest schema")
@@ -128,8 +128,8 @@ def keys_create(
 ) -> None:
     """Create an API key; it is shown once, as the last line."""
     from api.auth import create_key
-    from api.db.migrate import upgrade
-    from api.db.session import session_scope
+    from lathe.db.migrate import upgrade
+    from lathe.db.session import session_scope
 
     if expires_in and expires_at:
         raise typer.BadParameter("give --expires-in or --expires-at, not both")
@@ -152,8 +152,8 @@ def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant'
     """List keys by their public prefix (never the secret), with when they were made, expire and were revoked."""
     from sqlalchemy import select
 
-    from api.db.models import ApiKey, Tenant
-    from api.db.session import session_scope
+    from lathe.db.tables import ApiKey, Tenant
+    from lathe.db.session import session_scope
 
     # The prefix is what `revoke`/`expire` take: never wrapped or cut; narrow terminals wrap the dates.
     dates = [Column(f"{name} (UTC)", min_width=10, overflow="fold") for name in ("created", "expires", "revoked")]
@@ -178,8 +178,8 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (lathe_
     from sqlalchemy import update
 
     from api.auth import key_id_of
-    from api.db.models import ApiKey, now
-    from api.db.session import session_scope
+    from lathe.db.tables import ApiKey, now
+    from lathe.db.session import session_scope
 
     kid = key_id_of(key_id)
     with session_scope(get_settings().sqlalchemy_url) as session:
@@ -198,7 +198,7 @@ def keys_expire(
 ) -> None:
     """Set when a key expires: now (the default) or at a given time, earlier or later than before."""
     from api.auth import expire_key, key_id_of
-    from api.db.session import session_scope
+    from lathe.db.session import session_scope
 
     kid, when = key_id_of(key_id), _parse_when(at)
     with session_scope(get_settings().sqlalchemy_url) as session:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from api.settings import Settings
+from lathe.settings import Settings
 
 console = Console(stderr=True)
 
@@ -90,7 +90,7 @@ class Child:
 def ensure_dev_key(settings: Settings) -> Path:
     """The embedded default's key for tenant "default": made on first start, kept in a 0600 file."""
     from api.auth import authenticate, create_key
-    from api.db.session import session_scope
+    from lathe.db.session import session_scope
 
     path = settings.dev_key_file or settings.resolved_data_dir / "dev-key"
     with session_scope(settings.sqlalchemy_url) as session:
@@ -105,7 +105,7 @@ def ensure_dev_key(settings: Settings) -> Path:
 
 
 def serve(settings: Settings, *, host: str, port: int) -> None:
-    from api.db.migrate import upgrade
+    from lathe.db.migrate import upgrade
 
     data_dir = settings.resolved_data_dir
     data_dir.mkdir(parents=True, exist_ok=True)

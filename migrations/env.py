@@ -1,14 +1,14 @@
-"""Alembic environment: the schema is api.db.models' metadata; the URL is the caller's
-(`api.db.migrate.upgrade(url)`) or the settings' (`alembic upgrade head` from a shell)."""
+"""Alembic environment: the schema is lathe.db.tables' metadata; the URL is the caller's
+(`lathe.db.migrate.upgrade(url)`) or the settings' (`alembic upgrade head` from a shell)."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import pool
 
-from api.db.models import Base
-from api.db.session import make_engine
-from api.settings import get_settings
+from lathe.db.tables import Base
+from lathe.db.session import make_engine
+from lathe.settings import get_settings
 
 config = context.config
 url = config.attributes.get("url") or get_settings().sqlalchemy_url

@@ -8,12 +8,11 @@ connection pool is ever shared across a fork.
 
 from __future__ import annotations
 
-from api.queue import RUN_TASK, VALIDATE_TASK
-from api.settings import get_settings
+from lathe.queue import RUN_TASK, VALIDATE_TASK, publisher_for
+from lathe.settings import get_settings
 from worker import tasks
-from worker.queueing import celery_for
 
-app = celery_for(get_settings())  # api.queue.make_celery: the one configuration
+app = publisher_for(get_settings()).celery  # lathe.queue.make_celery: the one configuration
 app.conf.worker_pool = "threads"
 
 

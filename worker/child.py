@@ -27,9 +27,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from api.db.models import File, Job
-from api.db.session import session_scope
-from api.settings import get_settings
+from lathe.db.tables import File, Job
+from lathe.db.session import session_scope
+from lathe.settings import get_settings
 from core.errors import EngineError
 from core.spec import JobSpec
 from worker.sink import DbSink, StaleAttempt

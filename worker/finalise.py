@@ -26,12 +26,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from api.db.models import File, FilePurpose, Job, JobStatus, Metric, Model, new_id, now
-from api.db.queries import RELEASE_LEASE, add_event, transition
-from api.db.session import session_scope
-from api.settings import Settings
-from worker.base_model import fine_tuned_model_name
-from worker.queueing import publish_run, retry_backoff
+from lathe.db.tables import File, FilePurpose, Job, JobStatus, Metric, Model, new_id, now
+from lathe.db.queries import RELEASE_LEASE, add_event, transition
+from lathe.db.session import session_scope
+from lathe.settings import Settings
+from lathe.model_source import fine_tuned_model_name
+from lathe.queue import publish_run, retry_backoff
 from worker.supervisor import ChildExit
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from api.db.models import Checkpoint, Job, JobStatus, Metric, new_id, now
-from api.db.queries import add_event
-from api.db.session import session_factory
+from lathe.db.tables import Checkpoint, Job, JobStatus, Metric, new_id, now
+from lathe.db.queries import add_event
+from lathe.db.session import session_factory
 
 log = logging.getLogger(__name__)
 

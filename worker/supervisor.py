@@ -21,9 +21,9 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from api.db.models import Job, JobStatus
-from api.db.session import session_scope
-from api.settings import Settings
+from lathe.db.tables import Job, JobStatus
+from lathe.db.session import session_scope
+from lathe.settings import Settings
 from worker.child import attempt_paths, write_json_atomic
 
 log = logging.getLogger(__name__)

@@ -20,11 +20,11 @@ import time
 
 from sqlalchemy import or_, select, update
 
-from api.db.models import Job, JobStatus, now
-from api.db.queries import RELEASE_LEASE, add_event
-from api.db.session import session_scope
-from api.settings import Settings
-from worker.queueing import publish_run, publish_validate
+from lathe.db.tables import Job, JobStatus, now
+from lathe.db.queries import RELEASE_LEASE, add_event
+from lathe.db.session import session_scope
+from lathe.settings import Settings
+from lathe.queue import publish_run, publish_validate
 
 log = logging.getLogger(__name__)
 

@@ -17,16 +17,16 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
-from api.db.models import Checkpoint, File, Job, JobStatus, now
-from api.db.queries import add_event, transition
-from api.db.session import session_scope
-from api.settings import Settings, get_settings
+from lathe.db.tables import Checkpoint, File, Job, JobStatus, now
+from lathe.db.queries import add_event, transition
+from lathe.db.session import session_scope
+from lathe.settings import Settings, get_settings
 from core.datasets import FILE_PARAMS, DatasetSummary, inspect_files
 from core.errors import DataError, EngineError
 from core.spec import JobSpec, Task
-from worker.base_model import resolve_start
+from lathe.model_source import resolve_start
 from worker.finalise import fail, finalise
-from worker.queueing import publish_run
+from lathe.queue import publish_run
 from worker.supervisor import start_child, supervise
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from sqlalchemy import select, tuple_
 from starlette.concurrency import run_in_threadpool
 
 from api import archives
-from api.db.models import TERMINAL, File, FilePurpose, Job, new_id, now
-from api.db.queries import get_file
+from lathe.db.tables import TERMINAL, File, FilePurpose, Job, new_id, now
+from lathe.db.queries import get_file
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import BadRequest, Conflict, NotFound
 from api.schemas import V1_ERRORS, Deleted, FileObject, ListPage, error_responses, file_object

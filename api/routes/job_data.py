@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.db.models import TERMINAL, Checkpoint, Event, Job, Metric
+from lathe.db.tables import TERMINAL, Checkpoint, Event, Job, Metric
 from api.deps import SessionDep, TenantDep
 from api.errors import NotFound
 from api.routes.jobs import owned_job

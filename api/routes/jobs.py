@@ -14,18 +14,18 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.db.models import Event, FilePurpose, Job, JobStatus, Model, new_id, now
-from api.db.queries import add_event, get_checkpoint, get_file, get_job, transition
+from lathe.db.tables import Event, FilePurpose, Job, JobStatus, Model, new_id, now
+from lathe.db.queries import add_event, get_checkpoint, get_file, get_job, transition
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import BadRequest, Conflict, NotFound, dotted_param
-from api.queue import RUN_TASK, VALIDATE_TASK
+from lathe.queue import RUN_TASK, VALIDATE_TASK
 from api.schemas import V1_ERRORS, FineTuningJob, JobCreate, ListPage, error_responses, job_object
-from api.settings import Settings
+from lathe.settings import Settings
 from core.spec import Hyperparameters, JobSpec
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=V1_ERRORS)
 
-# As strict as worker.base_model.HUB_ID, so what is accepted here resolves there.
+# As strict as lathe.model_source.HUB_ID, so what is accepted here resolves there.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 LOCAL_NAME = re.compile(r"^[\w][\w.-]*$")
 FILE_PARAMS = ("training_file", "validation_file", "test_file")

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.db.models import TERMINAL, Job, Model
+from lathe.db.tables import TERMINAL, Job, Model
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import BadRequest, Conflict, LatheError, NotFound
 from api.schemas import (V1_ERRORS, Deleted, ListPage, ModelObject, PredictRequest, PredictResponse, error_responses,

@@ -15,10 +15,10 @@ from openai import OpenAI
 from sqlalchemy import text
 
 from api.auth import create_key
-from api.db.models import Base
-from api.db.session import engine_for, session_scope
+from lathe.db.tables import Base
+from lathe.db.session import engine_for, session_scope
 from api.main import create_app
-from api.settings import Settings
+from lathe.settings import Settings
 from tests.databases import scratch_postgres
 
 REDIS_URL = "redis://127.0.0.1:6379/14"

@@ -35,9 +35,9 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from api.db.models import ApiKey, Base, Job, JobStatus, Model, new_id, now
-from api.db.session import engine_for, session_scope
-from api.settings import Settings
+from lathe.db.tables import ApiKey, Base, Job, JobStatus, Model, new_id, now
+from lathe.db.session import engine_for, session_scope
+from lathe.settings import Settings
 from tests.api.conftest import upload
 from tests.api.test_basics import assert_error
 from tests.api.test_fuzz import post_raw
@@ -373,7 +373,7 @@ def test_the_scan_sees_each_risk():
 
 def test_no_code_runs_from_model_files():
     """Across api/, worker/, core/ and lathe/ nothing can run code from a file a user sent: weights
-    are safetensors only (core.models and api.archives refuse .bin/.pt), and this scan keeps it so."""
+    are safetensors only (core.loading and api.archives refuse .bin/.pt), and this scan keeps it so."""
     found = []
     for package in ("api", "worker", "core", "lathe"):
         for path in sorted((ROOT / package).rglob("*.py")):

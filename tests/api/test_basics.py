@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from api.auth import authenticate, create_key, revoke_key
-from api.db.session import session_scope
+from lathe.db.session import session_scope
 from tests.api.conftest import bearer
 
 

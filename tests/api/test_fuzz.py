@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings as hsettings, strategies as st
 
-from api.db.models import File
-from api.db.session import session_scope
+from lathe.db.tables import File
+from lathe.db.session import session_scope
 from core.errors import DataError
 from core.datasets import inspect_files
 from core.formats import check_file

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from api.db.models import Checkpoint, Job, JobStatus, Metric, Model, new_id, now
-from api.db.queries import add_event
-from api.db.session import session_scope
+from lathe.db.tables import Checkpoint, Job, JobStatus, Metric, Model, new_id, now
+from lathe.db.queries import add_event
+from lathe.db.session import session_scope
 from tests.api.conftest import upload
 from tests.api.test_archives import CONFIG, WEIGHTS, make_zip
 from tests.api.test_basics import assert_error

@@ -6,9 +6,9 @@ import json
 import threading
 import time
 
-from api.db.models import Checkpoint, Job, JobStatus, Metric, new_id
-from api.db.queries import add_event
-from api.db.session import session_scope
+from lathe.db.tables import Checkpoint, Job, JobStatus, Metric, new_id
+from lathe.db.queries import add_event
+from lathe.db.session import session_scope
 from tests.api.test_basics import assert_error
 from tests.api.test_jobs import JOBS, create, set_status
 

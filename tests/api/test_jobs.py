@@ -7,8 +7,8 @@ import json
 import openai
 import pytest
 
-from api.db.models import Job, JobStatus, Model, now
-from api.db.session import session_scope
+from lathe.db.tables import Job, JobStatus, Model, now
+from lathe.db.session import session_scope
 from tests.api.conftest import upload
 from tests.api.test_basics import assert_error
 

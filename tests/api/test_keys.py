@@ -16,11 +16,11 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from api.auth import create_key, expire_key, revoke_key, verify_key
-from api.db.models import ApiKey, now
-from api.db.session import session_scope
+from lathe.db.tables import ApiKey, now
+from lathe.db.session import session_scope
 from api.errors import Unauthorized
 from api.main import create_app
-from api.settings import Settings, get_settings
+from lathe.settings import Settings, get_settings
 from lathe import cli
 from tests.api.conftest import bearer
 

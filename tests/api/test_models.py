@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from api.db.models import Job, JobStatus, Model, now
-from api.db.session import session_scope
+from lathe.db.tables import Job, JobStatus, Model, now
+from lathe.db.session import session_scope
 from tests.api.test_basics import assert_error
 from tests.api.test_jobs import create, set_status
 

@@ -20,12 +20,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.auth import create_key
-from api.db.models import Base, File, Job, JobStatus, Model, Tenant, new_id, now
-from api.db.session import engine_for, session_scope
+from lathe.db.tables import Base, File, Job, JobStatus, Model, Tenant, new_id, now
+from lathe.db.session import engine_for, session_scope
 from api.errors import RateLimited
 from api.limits import stored_bytes
 from api.main import create_app
-from api.settings import Settings
+from lathe.settings import Settings
 from lathe.stack import free_port, wait_for_port
 from tests.api.conftest import CSV, bearer, upload
 from tests.api.test_archives import CONFIG, WEIGHTS, make_zip

@@ -46,10 +46,10 @@ from schemathesis.specs.openapi.checks import (
     use_after_free,
 )
 
-from api.db.models import Base, Job, JobStatus, Model, now
-from api.db.session import engine_for, session_scope
+from lathe.db.tables import Base, Job, JobStatus, Model, now
+from lathe.db.session import engine_for, session_scope
 from api.main import create_app
-from api.settings import Settings
+from lathe.settings import Settings
 from tests.api.conftest import CSV, bearer, upload
 from tests.api.test_archives import CONFIG, WEIGHTS, make_zip
 from tests.api.test_fuzz import multipart

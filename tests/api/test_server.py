@@ -17,8 +17,8 @@ import redis
 from openai import OpenAI
 
 from api.auth import create_key
-from api.db.models import Base
-from api.db.session import engine_for, session_scope
+from lathe.db.tables import Base
+from lathe.db.session import engine_for, session_scope
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 

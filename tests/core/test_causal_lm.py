@@ -22,8 +22,8 @@ from core.engine import RunPaths, run
 from core.errors import DataError, ModelError
 from core.sink import ListSink
 from core.spec import CAUSAL_LM_METRICS, JobSpec, Task, TrainingConfig
-from core.tasks import DataFiles, adapter_for
-from core.tasks.causal_lm import IGNORE, CausalLM, encode, gguf_source, pack
+from core.adapters import DataFiles, adapter_for
+from core.adapters.causal_lm import IGNORE, CausalLM, encode, gguf_source, pack
 from tests.tiny_causal import (
     CHATML_GENERATION_TEMPLATE,
     build_tokenizer,

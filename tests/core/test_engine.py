@@ -16,7 +16,7 @@ from core.errors import DataError, ModelError
 from core.datasets import text
 from core.sink import ListSink
 from core.spec import JobSpec, TrainingConfig
-from core.tasks.text_classification import TextClassification
+from core.adapters.text_classification import TextClassification
 from tests.tiny_models import write_text_dataset
 
 FAST = {"n_epochs": 6, "learning_rate_multiplier": 40}  # a tiny random BERT needs a large LR

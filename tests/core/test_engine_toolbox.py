@@ -16,7 +16,7 @@ from core.engine import RunPaths, run
 from core.errors import EngineError
 from core.sink import ListSink
 from core.spec import JobSpec
-from core.tasks.base import class_weights
+from core.adapters.base import class_weights
 from tests.tiny_models import write_text_dataset
 
 FAST = {"n_epochs": 4, "learning_rate_multiplier": 40}

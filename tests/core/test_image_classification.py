@@ -20,8 +20,8 @@ from core.errors import DataError, EngineError, ModelError
 from core.formats import check_file, dataset_format
 from core.sink import ListSink
 from core.spec import ImageAugmentationConfig, JobSpec, Task, TrainingConfig
-from core.tasks.base import DataFiles
-from core.tasks.image_classification import ImageClassification
+from core.adapters.base import DataFiles
+from core.adapters.image_classification import ImageClassification
 from tests.tiny_vision import (
     digits,
     digits_files,

@@ -79,7 +79,7 @@ def test_predict_causal_lm_generates(tmp_path):
 def test_predict_image_classification_reads_base64(tmp_path):
     import base64
 
-    from core.tasks.image_classification import default_processor
+    from core.adapters.image_classification import default_processor
     from tests.tiny_vision import digits, png_bytes, save_tiny_resnet
 
     folder = save_tiny_resnet(tmp_path / "m", num_labels=10)

@@ -12,8 +12,8 @@ import torch
 from core.datasets import tokens as reader
 from core.errors import DataError, EngineError
 from core.spec import JobSpec, TrainingConfig
-from core.tasks import DataFiles, adapter_for
-from core.tasks.token_classification import IGNORE, TokenClassification, align_labels
+from core.adapters import DataFiles, adapter_for
+from core.adapters.token_classification import IGNORE, TokenClassification, align_labels
 from tests.tiny_models import save_tiny_bert
 
 FIRST_NAMES = ["alice", "bob", "carol", "dave", "erin", "frank"]

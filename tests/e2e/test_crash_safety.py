@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from api.db.models import JobStatus
+from lathe.db.tables import JobStatus
 from tests.e2e.crash_harness import Stack, kill_group, wait_for
 from tests.tiny_models import save_tiny_bert, sentiment_rows, write_text_dataset
 from tests.worker.conftest import make_job

@@ -53,8 +53,8 @@ class Service:
     def prepare(self) -> str:
         """Schema (the Alembic migrations, as the server runs them) and an API key, in the tmp DB."""
         from api.auth import create_key
-        from api.db.migrate import upgrade
-        from api.db.session import engine_for, session_scope
+        from lathe.db.migrate import upgrade
+        from lathe.db.session import engine_for, session_scope
 
         url = f"sqlite:///{self.data_dir / 'lathe.db'}"
         self.data_dir.mkdir(parents=True)

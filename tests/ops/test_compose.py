@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.main import get_command
 
-from api.settings import Settings
+from lathe.settings import Settings
 from lathe.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]

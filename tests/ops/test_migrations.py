@@ -1,4 +1,4 @@
-"""The Alembic migrations build exactly the schema of api.db.models, on SQLite and PostgreSQL."""
+"""The Alembic migrations build exactly the schema of lathe.db.tables, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from api.db.migrate import upgrade
-from api.db.models import Base
+from lathe.db.migrate import upgrade
+from lathe.db.tables import Base
 from tests.databases import scratch_postgres
 
 

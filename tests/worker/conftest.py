@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import redis
 
-from api.db.models import Base, File, FilePurpose, Job, JobStatus, Tenant, new_id, now
-from api.db.session import engine_for, session_scope
-from api.settings import Settings
+from lathe.db.tables import Base, File, FilePurpose, Job, JobStatus, Tenant, new_id, now
+from lathe.db.session import engine_for, session_scope
+from lathe.settings import Settings
 from tests.databases import scratch_postgres
 from tests.tiny_models import save_tiny_bert, sentiment_rows, write_text_dataset
 

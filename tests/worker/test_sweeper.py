@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from api.db.models import Job, JobStatus
-from api.db.session import session_scope
+from lathe.db.tables import Job, JobStatus
+from lathe.db.session import session_scope
 from tests.worker.conftest import get_job, make_job, queued_messages
 from worker.finalise import finalise
 from worker.supervisor import ChildExit

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from api.db.models import Checkpoint, Event, File, Job, JobStatus, Metric, Model
-from api.db.queries import transition
-from api.db.session import session_scope
+from lathe.db.tables import Checkpoint, Event, File, Job, JobStatus, Metric, Model
+from lathe.db.queries import transition
+from lathe.db.session import session_scope
 from tests.tiny_models import sentiment_rows
 from tests.worker.conftest import add_file, get_job, make_job, queued_messages
 from worker import tasks

@@ -1,7 +1,7 @@
 """Which examples form each training batch: a length-grouped, resumable sampler.
 
 Task adapters tokenize examples once without padding and pad each batch only to its own longest
-example (core.tasks). With group_by_length, batches are drawn from random "mega-batches" sorted by length (as in
+example (core.adapters). With group_by_length, batches are drawn from random "mega-batches" sorted by length (as in
 transformers' LengthGroupedSampler), so examples of similar length share a batch and padding, the
 main waste on CPU, nearly vanishes, while batch order stays random. An epoch's batches depend only
 on (seed, epoch), so a position (epoch, batch index) is enough to resume mid-epoch.

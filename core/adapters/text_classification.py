@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from core import metrics as M
 from core.datasets import text as reader
 from core.errors import EngineError
-from core.models import load_classifier, load_tokenizer
+from core.loading import load_classifier, load_tokenizer
 from core.spec import LABEL_METRICS, MULTI_LABEL_METRICS, REGRESSION_METRICS, ProblemType, Task
-from core.tasks.base import DataFiles, Split, TaskAdapter, TaskData, class_weights
+from core.adapters.base import DataFiles, Split, TaskAdapter, TaskData, class_weights
 
 HF_PROBLEM_TYPES = {
     ProblemType.SINGLE_LABEL: "single_label_classification",

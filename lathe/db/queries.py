@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from api.db.models import Checkpoint, Event, File, Job, JobStatus, new_id, now
+from lathe.db.tables import Checkpoint, Event, File, Job, JobStatus, new_id, now
 
 
 # Values that end an attempt's claim on a job (set with the transition that ends it).

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from core.datasets import tokens as reader
-from core.models import load_classifier, load_tokenizer
+from core.loading import load_classifier, load_tokenizer
 from core.spec import TOKEN_METRICS, Task
 from core.surgery import replace_head
-from core.tasks.base import DataFiles, Split, TaskAdapter, TaskData, class_weights
+from core.adapters.base import DataFiles, Split, TaskAdapter, TaskData, class_weights
 
 IGNORE = -100  # the label of tokens that are not the first sub-token of a word (torch's ignore_index)
 
@@ -61,7 +61,7 @@ class TokenClassification(TaskAdapter):
         """The fast tokenizer, set up for pre-split words (word_ids() needs a fast one).
 
         Raises:
-            ModelError: as core.models.load_tokenizer (no fast tokenizer included).
+            ModelError: as core.loading.load_tokenizer (no fast tokenizer included).
         """
         tokenizer = load_tokenizer(source)
         prefix_space_for_words(tokenizer)

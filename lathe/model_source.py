@@ -12,9 +12,9 @@ from pathlib import Path, PurePosixPath
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.db.models import File, FilePurpose, Job, Model, Tenant
-from api.db.queries import get_checkpoint
-from api.settings import Settings
+from lathe.db.tables import File, FilePurpose, Job, Model, Tenant
+from lathe.db.queries import get_checkpoint
+from lathe.settings import Settings
 from core.errors import ModelError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 from core.datasets import DatasetSummary, chat
 from core.errors import DataError, ModelError
-from core.models import check_model_source, load_tokenizer
+from core.loading import check_model_source, load_tokenizer
 from core.spec import CAUSAL_LM_METRICS, Task
-from core.tasks.base import DataFiles, Split, TaskAdapter, TaskData
+from core.adapters.base import DataFiles, Split, TaskAdapter, TaskData
 
 IGNORE = -100  # the label cross-entropy skips
 
@@ -76,7 +76,7 @@ def load_causal_tokenizer(model: str):
     """The fast tokenizer of a causal LM: a safetensors folder, a hub id or a GGUF file/folder.
 
     Raises:
-        ModelError: model_not_found / invalid_model (as core.models.load_tokenizer).
+        ModelError: model_not_found / invalid_model (as core.loading.load_tokenizer).
     """
     gguf = gguf_source(model)
     if gguf is None:

@@ -10,7 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.db.models import Job, JobStatus
+from lathe.db.tables import Job, JobStatus
 
 
 class JobsCollector:

@@ -3,7 +3,7 @@
 The engine owns the loop (accumulation, clipping, precision, schedules, checkpoints, callbacks);
 a TaskAdapter owns everything that differs between tasks: reading and encoding the data, building
 the model and its head, collating batches (with augmentation for training batches), the loss, and
-the metrics. One adapter per task, in core/tasks/<task>.py.
+the metrics. One adapter per task, in core/adapters/<task>.py.
 
 Loss contract: `loss_sum(model, batch)` returns the loss *summed* over the batch's units (examples,
 or target tokens for causal-lm / token-classification) and `units(batch)` counts them without a

@@ -24,10 +24,10 @@ from core import metrics as M
 from core.augment_image import ImageAugmenter, is_identity, processor_pixel_range
 from core.datasets import images as reader
 from core.errors import EngineError, ModelError
-from core.models import check_model_source, load_classifier
+from core.loading import check_model_source, load_classifier
 from core.spec import LABEL_METRICS, Task
 from core.surgery import replace_head
-from core.tasks.base import DataFiles, Split, TaskAdapter, TaskData, class_weights
+from core.adapters.base import DataFiles, Split, TaskAdapter, TaskData, class_weights
 
 PROCESSOR_FILE = "preprocessor_config.json"
 DEFAULT_IMAGE_SIZE = 224  # when neither config.image_size nor the model's config says

@@ -1,6 +1,6 @@
 import random
 
-from core.data import BatchSampler
+from core.sampling import BatchSampler
 
 
 def lengths(n=500, seed=0):

@@ -1,0 +1,103 @@
+"""Queue publishing: the one Celery configuration and the one publisher, shared by the API (which
+publishes by task name after its commit) and the worker side (retries, the sweeper). Torch-free.
+
+Messages carry job ids, never payloads; there is no result backend: state lives in SQL. Publishing
+never raises: the job row is already committed when a message goes out, and the sweeper publishes
+again for a job whose message was lost (a broker that was down, a FLUSHALL).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+
+from lathe.settings import Settings
+
+log = logging.getLogger("lathe.queue")
+
+VALIDATE_TASK = "lathe.validate_job"
+RUN_TASK = "lathe.run_job"
+
+# Longest job we expect a late-acked message to wait for before Redis redelivers it; the job's
+# lease, not this timeout, decides whether a redelivered message may run (see worker.tasks).
+VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for these settings' broker and queue (the worker registers its tasks on one)."""
+    app = Celery("lathe", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=settings.queue,
+        task_acks_late=True,
+        task_reject_on_worker_lost=False,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S, **settings.broker_transport_options},
+        worker_hijack_root_logger=False,
+        worker_concurrency=settings.worker_concurrency,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+class Publisher:
+    """Sends job messages. Builds its Celery app lazily, so a process starts while the broker is down."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._celery: Celery | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def celery(self) -> Celery:
+        with self._lock:
+            if self._celery is None:
+                self._celery = make_celery(self.settings)
+            return self._celery
+
+    def __call__(self, task_name: str, job_id: str, *, countdown: float | None = None) -> bool:
+        """Publish `task_name(job_id)`; call only after the job row is committed. False when the
+        broker could not be reached (logged; the sweeper publishes again later)."""
+        try:
+            self.celery.send_task(task_name, args=[job_id], queue=self.settings.queue, countdown=countdown)
+            return True
+        except Exception:  # noqa: BLE001 - the broker being down must not undo a committed change
+            log.exception("could not publish %s for %s; the sweeper will publish it again", task_name, job_id)
+            return False
+
+    def close(self) -> None:
+        if self._celery is not None:
+            self._celery.close()
+
+
+_publishers: dict[tuple[str | None, str], Publisher] = {}
+_publishers_lock = threading.Lock()
+
+
+def publisher_for(settings: Settings) -> Publisher:
+    """This process's publisher for the settings' broker and queue (made once)."""
+    key = (settings.redis_url, settings.queue)
+    with _publishers_lock:
+        if key not in _publishers:
+            _publishers[key] = Publisher(settings)
+        return _publishers[key]
+
+
+def publish_validate(settings: Settings, job_id: str) -> bool:
+    return publisher_for(settings)(VALIDATE_TASK, job_id)
+
+
+def publish_run(settings: Settings, job_id: str, *, countdown: float | None = None) -> bool:
+    """Enqueue `lathe.run_job`; call only after the job row is committed as `queued`."""
+    return publisher_for(settings)(RUN_TASK, job_id, countdown=countdown)
+
+
+def retry_backoff(attempt: int, base: float = 5.0) -> float:
+    """Seconds before attempt `attempt + 1` starts: base, 2 base, 4 base, ... (5, 10, 20, ... by
+    default), capped at 5 minutes."""
+    return float(min(300, base * 2 ** max(0, attempt - 1)))
