@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from api.errors import BadRequest
+from lathe.errors import BadRequest
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_RATIO = 100  # uncompressed/compressed for one zip member; weights barely compress

@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lathe.db.tables import TERMINAL, File, FilePurpose, Job, Model, Tenant
 from api.deps import CallerDep, SessionDep, SettingsDep
-from api.errors import RateLimited, TooLarge
+from lathe.errors import RateLimited, TooLarge
 from lathe.settings import Settings
 
 log = logging.getLogger("lathe.api")

@@ -21,7 +21,7 @@ from api.limits import (
 from api.telemetry import MetricsMiddleware, make_registry
 from lathe.queue import Publisher
 from api.routes import files, health, job_data, jobs, models
-from api.schemas import JobCreate
+from lathe.jobs import JobCreate
 from lathe.settings import Settings, get_settings
 
 DESCRIPTION = """Self-hosted fine-tuning jobs behind OpenAI's fine-tuning API.

@@ -8,7 +8,6 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from lathe.db.tables import Checkpoint, Event, File, Job, Metric, Model
-from core.spec import Hyperparameters, Task, TrainingConfig
 
 T = TypeVar("T")
 
@@ -104,39 +103,6 @@ def file_object(f: File) -> FileObject:
 
 # --- jobs ----------------------------------------------------------------------------------------
 
-class SupervisedMethod(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    hyperparameters: Hyperparameters | None = None
-
-
-class Method(BaseModel):
-    """OpenAI's `method`; Lathe trains `supervised` only."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"] = Field(description="Only \"supervised\" is supported.")
-    supervised: SupervisedMethod | None = None
-
-
-class JobCreate(BaseModel):
-    """A fine-tuning job request: OpenAI's fields plus Lathe's `task`, `test_file` and `config`."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(..., min_length=1, max_length=512, description=(
-        "Base model: an uploaded purpose=model file id, a name from the server's models directory, "
-        "an earlier job's fine_tuned_model (continue training), or a Hugging Face hub id."))
-    training_file: str = Field(..., min_length=1, max_length=40, description="A purpose=fine-tune file id.")
-    validation_file: str | None = Field(None, max_length=40, description="A purpose=fine-tune file id.")
-    test_file: str | None = Field(None, max_length=40, description="Lathe: held-out file evaluated once at the end.")
-    hyperparameters: Hyperparameters | None = Field(None, description="Legacy OpenAI hyperparameters; prefer `method`.")
-    method: Method | None = None
-    suffix: str | None = Field(None, max_length=64, description="Added to the fine_tuned_model name.")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed; chosen at random when absent.")
-    metadata: dict[str, str] | None = Field(None, max_length=16, description="Up to 16 string pairs.")
-    integrations: list[dict[str, Any]] | None = Field(None, description="Accepted only empty.")
-    task: Task | None = Field(None, description="Lathe: what is trained; inferred from the data when absent.")
-    config: TrainingConfig | None = Field(None, description="Lathe: the training toolbox (see TrainingConfig).")
-
-
 class JobError(BaseModel):
     code: str | None = None
     message: str
@@ -174,8 +140,8 @@ class FineTuningJob(BaseModel):
 
 
 def job_object(job: Job) -> FineTuningJob:
-    spec = job.spec or {}
-    hp = job.hyperparameters or spec.get("hyperparameters") or {}
+    spec = job.job_spec()
+    hp = job.hyperparameters or spec.hyperparameters.model_dump(mode="json")
     return FineTuningJob(
         id=job.id, model=job.model, created_at=job.created_at, finished_at=job.finished_at,
         fine_tuned_model=job.fine_tuned_model, organization_id=job.tenant_id,
@@ -183,8 +149,8 @@ def job_object(job: Job) -> FineTuningJob:
         training_file=job.training_file, hyperparameters=hp, trained_tokens=job.trained_tokens,
         error=JobError(**job.error) if job.error else None, seed=job.seed, estimated_finish=job.estimated_finish,
         metadata=job.job_metadata, method={"type": "supervised", "supervised": {"hyperparameters": hp}},
-        user_provided_suffix=spec.get("suffix"), task=job.task or spec.get("task"), test_file=job.test_file,
-        config=spec.get("config") or {}, attempt=job.attempt, metrics=job.metrics,
+        user_provided_suffix=spec.suffix, task=job.task or spec.task, test_file=job.test_file,
+        config=spec.config.model_dump(mode="json"), attempt=job.attempt, metrics=job.metrics,
     )
 
 

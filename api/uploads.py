@@ -14,7 +14,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from api.errors import BadRequest, TooLarge
+from lathe.errors import BadRequest, TooLarge
 
 MAX_FIELD_BYTES = 4096  # a plain form field (purpose) is a short string
 MAX_PARTS = 16

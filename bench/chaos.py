@@ -514,7 +514,7 @@ def report(args: argparse.Namespace, jobs: list[str], faults: Counter, hits: lis
 
 def prepare(root: Path, db_url: str) -> str:
     """The schema, an API key and the tiny BERT in the models folder; returns the key."""
-    from api.auth import create_key
+    from lathe.keys import create_key
     from lathe.db.migrate import upgrade
     from tests.tiny_models import save_tiny_bert
 

@@ -35,7 +35,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from api.auth import create_key  # noqa: E402
+from lathe.keys import create_key  # noqa: E402
 from lathe.db.migrate import upgrade  # noqa: E402
 from lathe.db.session import engine_for, session_scope  # noqa: E402
 

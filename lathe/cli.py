@@ -127,7 +127,7 @@ def keys_create(
     expires_at: Annotated[str | None, typer.Option(help="Key stops working at this ISO 8601 time (UTC if no zone).")] = None,
 ) -> None:
     """Create an API key; it is shown once, as the last line."""
-    from api.auth import create_key
+    from lathe.keys import create_key
     from lathe.db.migrate import upgrade
     from lathe.db.session import session_scope
 
@@ -175,16 +175,12 @@ def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant'
 @keys.command("revoke")
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (lathe_<id>_...) or the whole key.")]) -> None:
     """Revoke a key at once."""
-    from sqlalchemy import update
-
-    from api.auth import key_id_of
-    from lathe.db.tables import ApiKey, now
     from lathe.db.session import session_scope
+    from lathe.keys import key_id_of, revoke_key
 
     kid = key_id_of(key_id)
     with session_scope(get_settings().sqlalchemy_url) as session:
-        done = session.execute(update(ApiKey).where(ApiKey.id == kid, ApiKey.revoked_at.is_(None))
-                               .values(revoked_at=now())).rowcount
+        done = revoke_key(session, key_id=kid)
     if not done:
         console.print(f"no active key {kid!r}")
         raise typer.Exit(1)
@@ -197,7 +193,7 @@ def keys_expire(
     at: Annotated[str, typer.Option(help="When the key stops working: 'now' or an ISO 8601 time (UTC if no zone).")] = "now",
 ) -> None:
     """Set when a key expires: now (the default) or at a given time, earlier or later than before."""
-    from api.auth import expire_key, key_id_of
+    from lathe.keys import expire_key, key_id_of
     from lathe.db.session import session_scope
 
     kid, when = key_id_of(key_id), _parse_when(at)

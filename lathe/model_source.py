@@ -1,12 +1,13 @@
 """Which folder (or hub id) a job's `model` names, and the name its fine-tuned model gets.
 
-Torch-free: the Celery process resolves the model before it starts the training child, so that a
-model that does not exist fails the job at once with a clear error instead of a crashed child.
+One resolution for the API (at create) and the worker (before it starts the training child, so a
+model that went away fails the job at once with a clear error instead of a crashed child). Torch-free.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from sqlalchemy import select
@@ -14,73 +15,85 @@ from sqlalchemy.orm import Session
 
 from lathe.db.tables import File, FilePurpose, Job, Model, Tenant
 from lathe.db.queries import get_checkpoint
+from lathe.errors import BadRequest, NotFound
 from lathe.settings import Settings
-from core.errors import ModelError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
-def resolve_start(session: Session, settings: Settings, job: Job) -> tuple[str, str | None]:
-    """(base model folder or hub id, checkpoint folder to start from or None) for the job's `model`.
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a job's weights come from.
 
-    A checkpoint of an earlier job of the tenant ("<model>:ckpt-step-N" or "ftckpt-...") starts
-    from that job's base model with the checkpoint's weights loaded over it.
+    kind: "file" (an uploaded purpose=model archive), "checkpoint" (an earlier job's checkpoint),
+        "local" (a folder of the server's models directory), "fine_tuned" (an earlier job's
+        model) or "hub" (a Hugging Face hub id).
+    base: the base model's folder, or the hub id.
+    init_from: a checkpoint folder whose weights are loaded over `base`, or None.
+    """
+
+    kind: str
+    base: str
+    init_from: str | None = None
+
+
+def resolve_model(session: Session, settings: Settings, *, tenant_id: str, name: str) -> ModelSource:
+    """What a job's `model` names, for `tenant_id`. The API calls it at create and the worker again
+    before training, so what was accepted is what runs (unless its files went away meanwhile).
+
+    Order: an uploaded model file ("file-..."), a checkpoint ("ftckpt-..." or
+    "<fine_tuned_model or job id>:ckpt-step-N": that job's base model with the checkpoint's weights
+    over it), a folder of `settings.models_dir` ("name" or "org/name"), a fine-tuned model of the
+    tenant, else a hub id when the server allows it.
 
     Raises:
-        ModelError: "model_not_found" (param "model") when nothing matches or the checkpoint's
-            files are gone (only the last checkpoints and the best one of a job are kept).
+        NotFound: code "model_not_found" (param "model") when nothing matches or its files are gone
+            (a job keeps its last checkpoints and its best one).
+        BadRequest: a file that is not purpose=model; code "model_not_allowed" for a hub id outside
+            LATHE_HUB_MODEL_ALLOWLIST.
     """
-    found = get_checkpoint(session, tenant_id=job.tenant_id, name=job.model)
-    if found is None:
-        return resolve_base_model(session, settings, job), None
-    checkpoint, source = found
-    if not Path(checkpoint.path).is_dir():
-        raise ModelError(f"The files of checkpoint {job.model!r} are gone (a job keeps its last checkpoints and "
-                         "its best one).", param="model", code="model_not_found")
-    base, _ = resolve_start(session, settings, source)
-    return base, checkpoint.path
-
-
-def resolve_base_model(session: Session, settings: Settings, job: Job) -> str:
-    """A local folder path for the job's base model, or a hub id.
-
-    Order: an uploaded purpose=model file of the tenant (its extracted `files_dir/<id>/model`), a
-    folder in `settings.models_dir`, an earlier fine-tuned model of the same tenant (its exported
-    folder), else a Hugging Face hub id when `allow_hub_models`.
-
-    Raises:
-        ModelError: code "model_not_found" (param "model") when nothing matches.
-    """
-    name = job.model
     if name.startswith("file-"):
-        file = session.scalar(select(File).where(File.id == name, File.tenant_id == job.tenant_id))
-        if file is None or file.purpose != FilePurpose.MODEL:
-            raise ModelError(f"No uploaded model file {name!r} (upload it with purpose=model).",
-                             param="model", code="model_not_found")
+        file = session.scalar(select(File).where(File.id == name, File.tenant_id == tenant_id))
+        if file is None:
+            raise NotFound(f"No such model file: {name!r}.", param="model", code="model_not_found")
+        if file.purpose != FilePurpose.MODEL:
+            raise BadRequest(f"File {name} has purpose {file.purpose!r}; a base model needs 'model'.", param="model")
         folder = settings.files_dir / file.id / "model"
         if not folder.is_dir():
-            raise ModelError(f"The model archive {name!r} has not been extracted (status {file.status!r}).",
-                             param="model", code="model_not_found")
-        return str(folder)
+            raise NotFound(f"The model archive {name!r} has not been extracted (status {file.status!r}).",
+                           param="model", code="model_not_found")
+        return ModelSource("file", str(folder))
+
+    found = get_checkpoint(session, tenant_id=tenant_id, name=name)
+    if found is not None:
+        checkpoint, source_job = found
+        if not Path(checkpoint.path).is_dir():
+            raise NotFound(f"The files of checkpoint {name!r} are gone (a job keeps its last checkpoints and "
+                           "its best one).", param="model", code="model_not_found")
+        base = resolve_model(session, settings, tenant_id=tenant_id, name=source_job.model)
+        return ModelSource("checkpoint", base.base, checkpoint.path)
 
     if settings.models_dir is not None and _safe_relative(name):
         root = settings.models_dir.expanduser().resolve()
         folder = (root / name).resolve()
         if folder.is_relative_to(root) and (folder / "config.json").is_file():
-            return str(folder)
+            return ModelSource("local", str(folder))
 
-    if name.startswith("ft:"):
-        model = session.scalar(select(Model).where(Model.id == name, Model.tenant_id == job.tenant_id))
-        if model is None or not Path(model.path).is_dir():
-            raise ModelError(f"No fine-tuned model {name!r}.", param="model", code="model_not_found")
-        return model.path
+    model = session.scalar(select(Model).where(Model.id == name, Model.tenant_id == tenant_id))
+    if model is not None:
+        if not Path(model.path).is_dir():
+            raise NotFound(f"The files of fine-tuned model {name!r} are gone.", param="model", code="model_not_found")
+        return ModelSource("fine_tuned", model.path)
 
-    if HUB_ID.match(name) and settings.hub_model_allowed(name):
-        return name
+    if settings.allow_hub_models and HUB_ID.match(name) and ".." not in name:
+        if not settings.hub_model_allowed(name):
+            raise BadRequest(f"Hub model {name!r} is not in this server's allow-list (LATHE_HUB_MODEL_ALLOWLIST).",
+                             param="model", code="model_not_allowed")
+        return ModelSource("hub", name)
     where = f" in the models directory ({settings.models_dir})" if settings.models_dir else ""
-    raise ModelError(f"Model {name!r} not found{where}; name an uploaded model file id, a fine-tuned model"
-                     + (" or a Hugging Face hub id." if settings.allow_hub_models else "."),
-                     param="model", code="model_not_found")
+    raise NotFound(f"Model {name!r} not found{where}: name an uploaded model file, a server model, one of your "
+                   "fine-tuned models or checkpoints" + (" or a Hugging Face hub id." if settings.allow_hub_models else "."),
+                   param="model", code="model_not_found")
 
 
 def _safe_relative(name: str) -> bool:

@@ -23,12 +23,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lathe.db.tables import File, FilePurpose, Job, JobStatus, Metric, Model, new_id, now
-from lathe.db.queries import RELEASE_LEASE, add_event, transition
+from lathe.db.queries import add_event
 from lathe.db.session import session_scope
+from lathe.lifecycle import RELEASE_LEASE, Actor, move, release_lease
 from lathe.settings import Settings
 from lathe.model_source import fine_tuned_model_name
 from lathe.queue import publish_run, retry_backoff
@@ -43,8 +44,8 @@ def fail(session: Session, job: Job, attempt: int, error: dict[str, Any], *,
     """Fail the job with OpenAI's error object; an error event says why."""
     error = {"code": error.get("code") or "internal_error", "message": error.get("message") or "",
              "param": error.get("param")}
-    if not transition(session, job_id=job.id, from_states=from_states, to_state=JobStatus.FAILED,
-                      attempt=attempt, error=error, finished_at=now(), **RELEASE_LEASE):
+    if not move(session, job_id=job.id, source=from_states, target=JobStatus.FAILED, by=Actor.RUNNER,
+                attempt=attempt, error=error, finished_at=now(), **RELEASE_LEASE):
         return False
     add_event(session, job_id=job.id, attempt=attempt, level="error",
               message=f"The job failed: {error['message']}" + (f" (param {error['param']})" if error["param"] else ""),
@@ -65,15 +66,15 @@ def finalise(settings: Settings, job_id: str, attempt: int, done: ChildExit) -> 
         status, result = job.status, done.result or {}
         outcome = result.get("status")
         if status == JobStatus.CANCELLING:
-            ok = transition(session, job_id=job_id, from_states=[JobStatus.CANCELLING], to_state=JobStatus.CANCELLED,
-                            attempt=attempt, finished_at=now(), **RELEASE_LEASE)
+            ok = move(session, job_id=job_id, source=JobStatus.CANCELLING, target=JobStatus.CANCELLED,
+                      by=Actor.RUNNER, attempt=attempt, finished_at=now(), **RELEASE_LEASE)
             if ok:
                 add_event(session, job_id=job_id, attempt=attempt, message="The job was cancelled")
             return JobStatus.CANCELLED if ok else ""
         if status == JobStatus.PAUSED:
             if outcome == "succeeded":  # it finished before it saw the pause: keep the result
                 return _succeed(session, settings, job, attempt, result, from_states=[JobStatus.PAUSED])
-            session.execute(_release(job_id, attempt))
+            release_lease(session, job_id=job_id, attempt=attempt)
             add_event(session, job_id=job_id, attempt=attempt, message="The job is paused")
             return JobStatus.PAUSED
         if status != JobStatus.RUNNING:
@@ -81,7 +82,7 @@ def finalise(settings: Settings, job_id: str, attempt: int, done: ChildExit) -> 
         if outcome == "succeeded":
             return _succeed(session, settings, job, attempt, result)
         if done.deadline_exceeded:
-            limit = (job.spec or {}).get("config", {}).get("max_runtime_seconds")
+            limit = job.job_spec().config.max_runtime_seconds
             return JobStatus.FAILED if fail(session, job, attempt, {
                 "code": "deadline_exceeded", "param": "config.max_runtime_seconds",
                 "message": f"The job ran past its max_runtime_seconds ({limit} s); "
@@ -100,8 +101,8 @@ def finalise(settings: Settings, job_id: str, attempt: int, done: ChildExit) -> 
             return JobStatus.FAILED if fail(session, job, attempt, {
                 "code": "worker_lost",
                 "message": f"The training process was lost ({why}) on each of {attempt} attempts."}) else ""
-        if not transition(session, job_id=job_id, from_states=[JobStatus.RUNNING], to_state=JobStatus.QUEUED,
-                          attempt=attempt, queued_at=now(), **RELEASE_LEASE):
+        if not move(session, job_id=job_id, source=JobStatus.RUNNING, target=JobStatus.QUEUED, by=Actor.RUNNER,
+                    attempt=attempt, queued_at=now(), **RELEASE_LEASE):
             return ""
         delay = retry_backoff(attempt, settings.retry_backoff_seconds)
         add_event(session, job_id=job_id, attempt=attempt, level="warn",
@@ -126,19 +127,14 @@ def _describe(done: ChildExit) -> str:
     return f"exit code {code} without a result"
 
 
-def _release(job_id: str, attempt: int):
-    return (update(Job).where(Job.id == job_id, Job.attempt == attempt).values(**RELEASE_LEASE)
-            .execution_options(synchronize_session=False))
-
-
 def _succeed(session: Session, settings: Settings, job: Job, attempt: int, result: dict[str, Any],
              from_states=(JobStatus.RUNNING,)) -> str:
-    spec = job.spec or {}
-    name = fine_tuned_model_name(session, job, spec.get("suffix"))
+    spec = job.job_spec()
+    name = fine_tuned_model_name(session, job, spec.suffix)
     results_file = _results_file(session, settings, job)
     archive = Path(result.get("archive_path") or "")
-    done = transition(
-        session, job_id=job.id, from_states=from_states, to_state=JobStatus.SUCCEEDED, attempt=attempt,
+    done = move(
+        session, job_id=job.id, source=from_states, target=JobStatus.SUCCEEDED, by=Actor.RUNNER, attempt=attempt,
         fine_tuned_model=name, trained_tokens=result.get("trained_tokens"),
         hyperparameters=result.get("hyperparameters") or job.hyperparameters,
         metrics=result.get("metrics"), result_files=[results_file.id], finished_at=now(), **RELEASE_LEASE,
@@ -147,7 +143,7 @@ def _succeed(session: Session, settings: Settings, job: Job, attempt: int, resul
         session.rollback()
         return ""
     session.add(results_file)
-    session.add(Model(id=name, tenant_id=job.tenant_id, job_id=job.id, task=job.task or spec.get("task") or "",
+    session.add(Model(id=name, tenant_id=job.tenant_id, job_id=job.id, task=job.task or str(spec.task or ""),
                       path=str(result.get("model_dir") or ""), archive_path=str(archive),
                       bytes=archive.stat().st_size if archive.is_file() else 0, created_at=now()))
     add_event(session, job_id=job.id, attempt=attempt, message=f"New fine-tuned model created: {name}",

@@ -21,8 +21,9 @@ import time
 from sqlalchemy import or_, select, update
 
 from lathe.db.tables import Job, JobStatus, now
-from lathe.db.queries import RELEASE_LEASE, add_event
+from lathe.db.queries import add_event
 from lathe.db.session import session_scope
+from lathe.lifecycle import RELEASE_LEASE, Actor, move, release_lease
 from lathe.settings import Settings
 from lathe.queue import publish_run, publish_validate
 
@@ -51,21 +52,18 @@ def sweep(settings: Settings, *, stale_after: float | None = None) -> dict[str, 
     for job_id, status, attempt, max_attempts in expired:
         with session_scope(settings.sqlalchemy_url) as session:
             # Fenced on the status, the attempt *and* the lapsed lease: a heartbeat that just renewed wins.
+            lapsed = (Job.lease_until.is_not(None), Job.lease_until < t)
+
             def cas(to_state: JobStatus, **values) -> bool:  # noqa: ANN003
-                return session.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.status == status, Job.attempt == attempt,
-                           Job.lease_until.is_not(None), Job.lease_until < t)
-                    .values(status=str(to_state), **values, **RELEASE_LEASE)
-                    .execution_options(synchronize_session=False)
-                ).rowcount == 1
+                return move(session, job_id=job_id, source=status, target=to_state, by=Actor.SWEEPER,
+                            attempt=attempt, fences=lapsed, **values, **RELEASE_LEASE)
 
             if status == JobStatus.CANCELLING:
                 if cas(JobStatus.CANCELLED, finished_at=now()):
                     add_event(session, job_id=job_id, attempt=attempt, message="The job was cancelled")
                     done["cancelled"].append(job_id)
             elif status == JobStatus.PAUSED:
-                if cas(JobStatus.PAUSED):
+                if release_lease(session, job_id=job_id, attempt=attempt, fences=(*lapsed, Job.status == status)):
                     done["released"].append(job_id)
             elif attempt >= (max_attempts or settings.max_attempts):
                 error = {"code": "worker_lost", "param": None,

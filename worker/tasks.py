@@ -15,16 +15,18 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select
 
 from lathe.db.tables import Checkpoint, File, Job, JobStatus, now
-from lathe.db.queries import add_event, transition
+from lathe.db.queries import add_event
 from lathe.db.session import session_scope
+from lathe.errors import LatheError
+from lathe.lifecycle import Actor, claim_job, move
 from lathe.settings import Settings, get_settings
 from core.datasets import FILE_PARAMS, DatasetSummary, inspect_files
 from core.errors import DataError, EngineError
 from core.spec import JobSpec, Task
-from lathe.model_source import resolve_start
+from lathe.model_source import resolve_model
 from worker.finalise import fail, finalise
 from lathe.queue import publish_run
 from worker.supervisor import start_child, supervise
@@ -50,7 +52,7 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
         spec_data, tenant_id = job.spec, job.tenant_id
         files: dict[str, tuple[str, str] | None] = {}
         for param in FILE_PARAMS:
-            file_id = (spec_data or {}).get(param)
+            file_id = getattr(job, param)
             file = session.get(File, file_id) if file_id else None
             files[param] = (file_id, file.path) if file is not None and file.tenant_id == tenant_id else (
                 (file_id, "") if file_id else None)
@@ -69,16 +71,17 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
 
     with session_scope(settings.sqlalchemy_url) as session:
         if error is not None:
-            ok = transition(session, job_id=job_id, from_states=[JobStatus.VALIDATING_FILES],
-                            to_state=JobStatus.FAILED, error=error, finished_at=now(), lease_until=None)
+            ok = move(session, job_id=job_id, source=JobStatus.VALIDATING_FILES, target=JobStatus.FAILED,
+                      by=Actor.VALIDATOR, error=error, finished_at=now(), lease_until=None)
             if ok:
                 add_event(session, job_id=job_id, level="error", data={"error": error},
                           message=f"Validation failed: {error['message']}"
                                   + (f" (param {error['param']})" if error.get("param") else ""))
             return JobStatus.FAILED if ok else ""
         resolved = spec.model_copy(update={"task": task})
-        ok = transition(session, job_id=job_id, from_states=[JobStatus.VALIDATING_FILES], to_state=JobStatus.QUEUED,
-                        queued_at=now(), task=str(task), spec=resolved.model_dump(mode="json"), lease_until=None)
+        ok = move(session, job_id=job_id, source=JobStatus.VALIDATING_FILES, target=JobStatus.QUEUED,
+                  by=Actor.VALIDATOR, queued_at=now(), task=str(task),
+                  spec=resolved.model_dump(mode="json", exclude_unset=True), lease_until=None)
         if ok:
             add_event(session, job_id=job_id, message=_summary(task, infos),
                       data={p: {"rows": i.rows, "label_counts": i.label_counts, **i.details} for p, i in infos.items()})
@@ -122,17 +125,8 @@ def lease_owner() -> str:
 def claim(settings: Settings, job_id: str) -> int | None:
     """queued -> running, attempt + 1, a fresh lease; the new attempt, or None if not claimable."""
     with session_scope(settings.sqlalchemy_url) as session:
-        claimed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == str(JobStatus.QUEUED))
-            .values(status=str(JobStatus.RUNNING), attempt=Job.attempt + 1, lease_owner=lease_owner(),
-                    lease_until=time.time() + settings.lease_seconds,
-                    started_at=func.coalesce(Job.started_at, now()), error=None)
-            .execution_options(synchronize_session=False)
-        ).rowcount == 1
-        if not claimed:
-            return None
-        return session.scalar(select(Job.attempt).where(Job.id == job_id))
+        return claim_job(session, job_id=job_id, lease_owner=lease_owner(),
+                         lease_until=time.time() + settings.lease_seconds)
 
 
 # What core.checkpoint.save_checkpoint writes (MODEL_FILE, TRAINING_FILE, STATE_FILE); spelled out
@@ -172,11 +166,12 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
     with session_scope(settings.sqlalchemy_url) as session:
         job = session.get(Job, job_id)
         try:
-            model, init_from = resolve_start(session, settings, job)
-        except EngineError as e:
+            source = resolve_model(session, settings, tenant_id=job.tenant_id, name=job.model)
+        except LatheError as e:
             return JobStatus.FAILED if fail(session, job, attempt, e.to_dict()) else ""
+        model, init_from = source.base, source.init_from
         checkpoint = latest_checkpoint(session, job_id)
-        budget = (job.spec or {}).get("config", {}).get("max_runtime_seconds")
+        budget = job.job_spec().config.max_runtime_seconds
         deadline = job.started_at + budget if budget else None
         plan: dict[str, Any] = {"model": model, "init_from": init_from,
                                 "resume_from": checkpoint.path if checkpoint else None}

@@ -15,7 +15,7 @@ from api import archives
 from lathe.db.tables import TERMINAL, File, FilePurpose, Job, new_id, now
 from lathe.db.queries import get_file
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.errors import BadRequest, Conflict, NotFound
+from lathe.errors import BadRequest, Conflict, NotFound
 from api.schemas import V1_ERRORS, Deleted, FileObject, ListPage, error_responses, file_object
 from api.uploads import receive_upload
 from core.errors import DataError

@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 
 from lathe.db.tables import TERMINAL, Checkpoint, Event, Job, Metric
 from api.deps import SessionDep, TenantDep
-from api.errors import NotFound
-from api.routes.jobs import owned_job
+from lathe.errors import NotFound
+from lathe.jobs import owned_job
 from api.schemas import (V1_ERRORS, JobCheckpoint, JobEvent, ListPage, MetricSeries, checkpoint_object,
                          error_responses, event_object, metric_point)
 

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lathe.db.tables import TERMINAL, Job, Model
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.errors import BadRequest, Conflict, LatheError, NotFound
+from lathe.errors import BadRequest, Conflict, LatheError, NotFound
 from api.schemas import (V1_ERRORS, Deleted, ListPage, ModelObject, PredictRequest, PredictResponse, error_responses,
                          model_object)
 

@@ -1,19 +1,14 @@
 """Query functions shared by the API and the worker. Keyword-only; the tenant is never optional
-where a caller acts for a tenant. Every job state change is a compare-and-set in SQL."""
+where a caller acts for a tenant. A job's status is written by lathe.lifecycle alone."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from lathe.db.tables import Checkpoint, Event, File, Job, JobStatus, new_id, now
-
-
-# Values that end an attempt's claim on a job (set with the transition that ends it).
-RELEASE_LEASE: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+from lathe.db.tables import Checkpoint, Event, File, Job, new_id, now
 
 
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
@@ -46,29 +41,6 @@ def get_checkpoint(session: Session, *, tenant_id: str, name: str) -> tuple[Chec
         .order_by(Checkpoint.created_at.desc()).limit(1)
     ).first()
     return (row[0], row[1]) if row else None
-
-
-def transition(
-    session: Session,
-    *,
-    job_id: str,
-    from_states: Iterable[JobStatus],
-    to_state: JobStatus,
-    attempt: int | None = None,
-    **values: Any,
-) -> bool:
-    """Move a job to `to_state` only if it is in one of `from_states` (and, when given, still on
-    `attempt`: a stale attempt can't finalise). Returns whether this call made the change.
-    The caller commits."""
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_([str(s) for s in from_states]))
-        .values(status=str(to_state), **values)
-        .execution_options(synchronize_session=False)
-    )
-    if attempt is not None:
-        stmt = stmt.where(Job.attempt == attempt)
-    return session.execute(stmt).rowcount == 1
 
 
 def add_event(

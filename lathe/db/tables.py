@@ -10,6 +10,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from core.spec import JobSpec
+
 
 def now() -> int:
     """Unix seconds, the unit of every OpenAI `created_at`."""
@@ -83,8 +85,9 @@ class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    # Written by lathe.lifecycle alone; a new job starts in validating_files.
     status: Mapped[str] = mapped_column(String(20), default=JobStatus.VALIDATING_FILES)
-    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # core.spec.JobSpec.model_dump(mode="json")
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # JobSpec.model_dump(mode="json", exclude_unset=True)
     model: Mapped[str] = mapped_column(String(512))
     task: Mapped[str | None] = mapped_column(String(40))
     training_file: Mapped[str] = mapped_column(String(40))
@@ -113,6 +116,10 @@ class Job(Base):
         Index("ix_jobs_status", "status"),
         Index("uq_jobs_idempotency", "tenant_id", "idempotency_key", unique=True),
     )
+
+    def job_spec(self) -> JobSpec:
+        """The stored spec, typed (it holds the fields the request set; defaults fill the rest)."""
+        return JobSpec.model_validate(self.spec)
 
 
 class Event(Base):

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from openai import OpenAI
 from sqlalchemy import text
 
-from api.auth import create_key
+from lathe.keys import create_key
 from lathe.db.tables import Base
 from lathe.db.session import engine_for, session_scope
 from api.main import create_app

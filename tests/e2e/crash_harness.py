@@ -173,7 +173,7 @@ class Stack:
     def api(self) -> httpx.Client:
         """Start the HTTP API (uvicorn, the app factory) on a free port; a client authenticated as
         a tenant of its own, with base_url .../v1."""
-        from api.auth import create_key
+        from lathe.keys import create_key
 
         port = free_port()
         log = self.tmp / "api.log"

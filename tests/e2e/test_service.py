@@ -52,7 +52,7 @@ class Service:
 
     def prepare(self) -> str:
         """Schema (the Alembic migrations, as the server runs them) and an API key, in the tmp DB."""
-        from api.auth import create_key
+        from lathe.keys import create_key
         from lathe.db.migrate import upgrade
         from lathe.db.session import engine_for, session_scope
 

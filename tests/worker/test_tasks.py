@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from lathe.db.tables import Checkpoint, Event, File, Job, JobStatus, Metric, Model
-from lathe.db.queries import transition
+from lathe.lifecycle import Actor, move
 from lathe.db.session import session_scope
 from tests.tiny_models import sentiment_rows
 from tests.worker.conftest import add_file, get_job, make_job, queued_messages
@@ -225,7 +225,7 @@ def test_cancel_while_running(settings):
     runner.start()
     wait_for(lambda: count(settings, Metric, job_id), what="training to report")
     with session_scope(settings.sqlalchemy_url) as session:  # what POST /cancel does
-        assert transition(session, job_id=job_id, from_states=[JobStatus.RUNNING], to_state=JobStatus.CANCELLING)
+        assert move(session, job_id=job_id, source=JobStatus.RUNNING, target=JobStatus.CANCELLING, by=Actor.USER)
     runner.join(120)
     assert runner.status == JobStatus.CANCELLED
     job = get_job(settings, job_id)
@@ -256,7 +256,7 @@ def test_pause_while_running_checkpoints_and_resume_continues(settings):
     runner.start()
     wait_for(lambda: count(settings, Metric, job_id), what="training to report")
     with session_scope(settings.sqlalchemy_url) as session:  # what POST /pause does
-        assert transition(session, job_id=job_id, from_states=[JobStatus.RUNNING], to_state=JobStatus.PAUSED)
+        assert move(session, job_id=job_id, source=JobStatus.RUNNING, target=JobStatus.PAUSED, by=Actor.USER)
     runner.join(120)
     assert runner.status == JobStatus.PAUSED
     job = get_job(settings, job_id)
@@ -266,7 +266,7 @@ def test_pause_while_running_checkpoints_and_resume_continues(settings):
     assert paused_at and paused_at > 0  # the child checkpointed where it stopped
 
     with session_scope(settings.sqlalchemy_url) as session:  # what POST /resume does
-        assert transition(session, job_id=job_id, from_states=[JobStatus.PAUSED], to_state=JobStatus.QUEUED)
+        assert move(session, job_id=job_id, source=JobStatus.PAUSED, target=JobStatus.QUEUED, by=Actor.USER)
     status = tasks.run_job(job_id, settings=settings)
     assert status == JobStatus.SUCCEEDED, [e.message for e in events(settings, job_id)][-6:]
     job = get_job(settings, job_id)
@@ -330,7 +330,7 @@ def test_stale_attempt_sink_writes_are_refused(settings):
     assert {e.attempt for e in events(settings, job_id)} == {2}
 
     with session_scope(settings.sqlalchemy_url) as session:  # finished: nobody writes any more
-        transition(session, job_id=job_id, from_states=[JobStatus.RUNNING], to_state=JobStatus.SUCCEEDED)
+        move(session, job_id=job_id, source=JobStatus.RUNNING, target=JobStatus.SUCCEEDED, by=Actor.RUNNER)
     with pytest.raises(StaleAttempt):
         current.event("late")
 

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lathe.db.tables import ApiKey, Tenant, new_id, now
-from api.errors import Unauthorized
+from lathe.errors import Unauthorized
 
 PREFIX = "lathe"
 WRONG_KEY = "Incorrect API key provided."
