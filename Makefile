@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-slow demo bench compose-check clean
+.PHONY: install run test test-slow demo bench compose-check docs clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test-slow: install
 
 demo: install
 	$(PY) examples/demo_sms_spam.py $(DEMO_ARGS)
+
+# Rewrites the generated tables of docs/API.md and docs/TOOLBOX.md from the OpenAPI schema
+# (tests/ops/test_docs.py fails when they are stale; `python -m lathe.docs --check` shows the diff).
+docs: install
+	$(PY) -m lathe.docs
 
 compose-check:
 	docker-compose config -q && echo "docker-compose.yml is valid"
