@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -34,3 +35,25 @@ def scratch_postgres(prefix: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+# Parametrize a fixture with these to run its tests on both databases.
+DB_KINDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@contextmanager
+def scratch_database(kind: str, folder: Path, prefix: str) -> Iterator[str]:
+    """An empty database with Lathe's tables: SQLite in `folder`, or a scratch PostgreSQL database."""
+    from lathe.db.tables import Base
+
+    if kind == "sqlite":
+        url = f"sqlite:///{folder / 'lathe.db'}"
+        Base.metadata.create_all(engine_for(url))
+        try:
+            yield url
+        finally:
+            engine_for(url).dispose()
+        return
+    with scratch_postgres(prefix) as url:
+        Base.metadata.create_all(engine_for(url))
+        yield url

@@ -11,24 +11,17 @@ from pathlib import Path
 import pytest
 
 from lathe import lifecycle
-from lathe.db.session import engine_for, session_scope
-from lathe.db.tables import Base, Job, JobStatus, Tenant, new_id, now
+from lathe.db.session import session_scope
+from lathe.db.tables import Job, JobStatus, Tenant, new_id, now
 from lathe.lifecycle import MOVES, USER_ACTIONS, Actor, IllegalMove, claim_job, move, user_move
-from tests.databases import scratch_postgres
+from tests.databases import DB_KINDS, scratch_database
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(scope="module", params=DB_KINDS)
 def url(request, tmp_path_factory) -> Iterator[str]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('lifecycle') / 'lathe.db'}"
-        Base.metadata.create_all(engine_for(url))
-        yield url
-        engine_for(url).dispose()
-        return
-    with scratch_postgres("lathe_lifecycle") as url:
-        Base.metadata.create_all(engine_for(url))
+    with scratch_database(request.param, tmp_path_factory.mktemp("lifecycle"), "lathe_lifecycle") as url:
         yield url
 
 

@@ -15,7 +15,7 @@ import redis
 from lathe.db.tables import Base, File, FilePurpose, Job, JobStatus, Tenant, new_id, now
 from lathe.db.session import engine_for, session_scope
 from lathe.settings import Settings
-from tests.databases import scratch_postgres
+from tests.databases import DB_KINDS, scratch_database
 from tests.tiny_models import save_tiny_bert, sentiment_rows, write_text_dataset
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -26,16 +26,9 @@ def tiny_bert(tmp_path_factory) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=DB_KINDS)
 def db_url(request, tmp_path) -> Iterator[str]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'lathe.db'}"
-        Base.metadata.create_all(engine_for(url))
-        yield url
-        engine_for(url).dispose()
-        return
-    with scratch_postgres("lathe_worker") as url:
-        Base.metadata.create_all(engine_for(url))
+    with scratch_database(request.param, tmp_path, "lathe_worker") as url:
         yield url
 
 
