@@ -85,14 +85,14 @@ V1_ERRORS = error_responses(400, 401, 422, 429)
 class FileObject(BaseModel):
     """An uploaded file (OpenAI's file object)."""
 
-    id: str
+    id: str = Field(description="The file's id (`file-...`).")
     object: Literal["file"] = "file"
-    bytes: int
-    created_at: int
-    filename: str
-    purpose: str
-    status: str = "processed"
-    status_details: str | None = None
+    bytes: int = Field(description="Size in bytes as uploaded.")
+    created_at: int = Field(description="Unix seconds.")
+    filename: str = Field(description="The client's file name (metadata only).")
+    purpose: str = Field(description="fine-tune | model | fine-tune-results.")
+    status: str = Field("processed", description="Always processed: an upload is checked in full before it is answered.")
+    status_details: str | None = Field(None, description="Unused (OpenAI's field).")
     details: dict[str, Any] | None = Field(None, description="Lathe: what the upload check found (format, rows, columns).")
 
 
@@ -104,38 +104,38 @@ def file_object(f: File) -> FileObject:
 # --- jobs ----------------------------------------------------------------------------------------
 
 class JobError(BaseModel):
-    code: str | None = None
-    message: str
-    param: str | None = None
+    code: str | None = Field(None, description="A stable reason, e.g. invalid_training_file, model_not_found, worker_lost, deadline_exceeded.")
+    message: str = Field(description="What went wrong, for a person to read (a line number where there is one).")
+    param: str | None = Field(None, description="The field at fault, dotted (e.g. training_file, config.freeze.first_n_layers).")
 
 
 class FineTuningJob(BaseModel):
     """OpenAI's fine-tuning job object plus `task`, `test_file`, `config`, `attempt` and `metrics`."""
 
-    id: str
+    id: str = Field(description="The job's id (`ftjob-...`).")
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
-    model: str
-    created_at: int
-    finished_at: int | None
-    fine_tuned_model: str | None
-    organization_id: str
-    result_files: list[str]
+    model: str = Field(description="The base model as requested.")
+    created_at: int = Field(description="Unix seconds.")
+    finished_at: int | None = Field(description="Unix seconds when it succeeded, failed or was cancelled.")
+    fine_tuned_model: str | None = Field(description="The model's name once succeeded (`ft:{base}:{org}:{suffix}:{id}`).")
+    organization_id: str = Field(description="The tenant that owns the job.")
+    result_files: list[str] = Field(description="File ids of the results: a step_metrics.csv (one row per step) once succeeded.")
     status: str = Field(description="validating_files | queued | running | cancelling | paused | succeeded | failed | cancelled")
-    validation_file: str | None
-    training_file: str
-    hyperparameters: dict[str, Any]
-    trained_tokens: int | None
-    error: JobError | None
-    seed: int
-    estimated_finish: int | None
-    integrations: list[Any] = []
-    metadata: dict[str, str] | None
-    method: dict[str, Any]
-    user_provided_suffix: str | None
-    task: str | None
-    test_file: str | None
-    config: dict[str, Any]
-    attempt: int
+    validation_file: str | None = Field(description="Validation file id, evaluated during training.")
+    training_file: str = Field(description="Training file id.")
+    hyperparameters: dict[str, Any] = Field(description="n_epochs, batch_size, learning_rate_multiplier: \"auto\" until resolved, then the values used.")
+    trained_tokens: int | None = Field(description="Tokens trained on (non-padding), once succeeded.")
+    error: JobError | None = Field(description="Why the job failed, else null.")
+    seed: int = Field(description="The random seed (chosen at random when not given).")
+    estimated_finish: int | None = Field(description="Unix seconds when a running job is expected to finish, when known.")
+    integrations: list[Any] = Field([], description="Always empty.")
+    metadata: dict[str, str] | None = Field(description="The request's metadata.")
+    method: dict[str, Any] = Field(description="OpenAI's method object: {type: supervised, supervised: {hyperparameters}}.")
+    user_provided_suffix: str | None = Field(description="The request's suffix.")
+    task: str | None = Field(description="What is trained (inferred from the data when not given).")
+    test_file: str | None = Field(description="Lathe: held-out file evaluated once at the end.")
+    config: dict[str, Any] = Field(description="Lathe: the training toolbox, with defaults filled in.")
+    attempt: int = Field(description="Lathe: how many times a worker has started the job (retries after lost workers count).")
     metrics: dict[str, Any] | None = Field(description="Latest, best and test metrics.")
 
 
@@ -156,12 +156,12 @@ def job_object(job: Job) -> FineTuningJob:
 
 class JobEvent(BaseModel):
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
-    id: str
-    created_at: int
-    level: str
-    message: str
-    data: dict[str, Any] | None
-    type: str
+    id: str = Field(description="The event's id (`ftevent-...`).")
+    created_at: int = Field(description="Unix seconds.")
+    level: str = Field(description="info | warn | error.")
+    message: str = Field(description="What happened.")
+    data: dict[str, Any] | None = Field(description="Structured details (metrics events: step, split and the values).")
+    type: str = Field(description="message | metrics.")
 
 
 def event_object(ev: Event) -> JobEvent:
@@ -170,12 +170,12 @@ def event_object(ev: Event) -> JobEvent:
 
 class JobCheckpoint(BaseModel):
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
-    id: str
-    created_at: int
-    fine_tuned_model_checkpoint: str
-    step_number: int
-    metrics: dict[str, Any]
-    fine_tuning_job_id: str
+    id: str = Field(description="The checkpoint's id (`ftckpt-...`).")
+    created_at: int = Field(description="Unix seconds.")
+    fine_tuned_model_checkpoint: str = Field(description="A name `model` accepts to start a new job from these weights.")
+    step_number: int = Field(description="The optimizer step it was saved at.")
+    metrics: dict[str, Any] = Field(description="Validation metrics at that step (and the step).")
+    fine_tuning_job_id: str = Field(description="The job it belongs to.")
 
 
 def checkpoint_object(ck: Checkpoint, job: Job) -> JobCheckpoint:
@@ -185,11 +185,11 @@ def checkpoint_object(ck: Checkpoint, job: Job) -> JobCheckpoint:
 
 
 class MetricPoint(BaseModel):
-    step: int
-    split: str
-    values: dict[str, Any]
-    created_at: int
-    attempt: int
+    step: int = Field(description="Optimizer step.")
+    split: str = Field(description="train | valid | test | baseline_test.")
+    values: dict[str, Any] = Field(description="Metric name to value.")
+    created_at: int = Field(description="Unix seconds.")
+    attempt: int = Field(description="The attempt that recorded it.")
 
 
 def metric_point(m: Metric) -> MetricPoint:
@@ -204,13 +204,13 @@ class MetricSeries(BaseModel):
 # --- models --------------------------------------------------------------------------------------
 
 class ModelObject(BaseModel):
-    id: str
+    id: str = Field(description="The fine-tuned model's name.")
     object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-    task: str | None = None
-    job_id: str | None = None
-    bytes: int | None = None
+    created: int = Field(description="Unix seconds.")
+    owned_by: str = Field(description="The tenant that owns it.")
+    task: str | None = Field(None, description="Lathe: what it was trained for.")
+    job_id: str | None = Field(None, description="Lathe: the job that made it.")
+    bytes: int | None = Field(None, description="Lathe: size of the downloadable archive.")
 
 
 def model_object(m: Model) -> ModelObject:
