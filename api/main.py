@@ -12,16 +12,12 @@ from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from api.errors import install_handlers
-from api.limits import (
-    KeyRateLimiter,
-    check_upload_room,
-    install_quota_checks,
-    rate_limit,
-)
+from api.limits import KeyRateLimiter, check_upload_room, rate_limit
 from api.telemetry import MetricsMiddleware, make_registry
 from lathe.queue import Publisher
 from api.routes import files, health, job_data, jobs, models
 from lathe.jobs import JobCreate
+from lathe.quotas import install_quota_checks
 from lathe.settings import Settings, get_settings
 
 DESCRIPTION = """Self-hosted fine-tuning jobs behind OpenAI's fine-tuning API.

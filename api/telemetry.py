@@ -7,10 +7,10 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lathe.db.tables import Job, JobStatus
+from lathe.db.queries import count_jobs_by_status
+from lathe.db.tables import JobStatus
 
 
 class JobsCollector:
@@ -22,7 +22,7 @@ class JobsCollector:
         counts = {str(s): 0 for s in JobStatus}
         try:
             with self.session_factory() as session:
-                counts.update(dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all()))
+                counts.update(count_jobs_by_status(session))
         except Exception:  # noqa: BLE001 - a scrape must not fail because the DB is down
             return
         for status, n in counts.items():

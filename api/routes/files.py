@@ -1,4 +1,5 @@
-"""Files: datasets (`purpose=fine-tune`) and base models (`purpose=model`)."""
+"""Files: datasets (`purpose=fine-tune`) and base models (`purpose=model`). The upload is received
+and checked here (HTTP streaming, api.archives); storing, listing and deleting are lathe.files'."""
 
 from __future__ import annotations
 
@@ -8,18 +9,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
-from sqlalchemy import select, tuple_
 from starlette.concurrency import run_in_threadpool
 
 from api import archives
-from lathe.db.tables import TERMINAL, File, FilePurpose, Job, new_id, now
-from lathe.db.queries import get_file
 from api.deps import SessionDep, SettingsDep, TenantDep
-from lathe.errors import BadRequest, Conflict, NotFound
 from api.schemas import V1_ERRORS, Deleted, FileObject, ListPage, error_responses, file_object
 from api.uploads import receive_upload
 from core.errors import DataError
 from core.formats import check_file, dataset_format
+from lathe import files as service
+from lathe.db.tables import FilePurpose, new_id
+from lathe.errors import BadRequest
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=V1_ERRORS)
 
@@ -93,14 +93,10 @@ async def create_file(request: Request, settings: SettingsDep, tenant: TenantDep
             stored, details = await run_in_threadpool(
                 _unpack_model, upload.path, upload.filename,
                 max_bytes=settings.max_archive_bytes, max_members=settings.max_archive_members)
-        row = File(id=file_id, tenant_id=tenant.id, purpose=purpose, filename=upload.filename, bytes=upload.bytes,
-                   sha256=upload.sha256, path=str(stored), status="processed", details=details, created_at=now())
-
-        def store() -> None:
-            session.add(row)
-            session.commit()
-
-        await run_in_threadpool(store)
+        # Committed by the service (the storage quota is checked there, at flush).
+        row = await run_in_threadpool(
+            service.store_file, session, tenant_id=tenant.id, file_id=file_id, purpose=purpose,
+            filename=upload.filename, size=upload.bytes, sha256=upload.sha256, path=stored, details=details)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -116,55 +112,23 @@ def list_files(
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
 ) -> ListPage[FileObject]:
     """List the tenant's files, newest first."""
-    stmt = select(File).where(File.tenant_id == tenant.id)
-    if purpose:
-        stmt = stmt.where(File.purpose == purpose)
-    key = tuple_(File.created_at, File.id)
-    if after:
-        cursor = get_file(session, tenant_id=tenant.id, file_id=after)
-        if cursor is None:
-            raise NotFound(f"No file {after!r}.", param="after")
-        value = tuple_(cursor.created_at, cursor.id)
-        stmt = stmt.where(key < value if order == "desc" else key > value)
-    cols = (File.created_at.desc(), File.id.desc()) if order == "desc" else (File.created_at, File.id)
-    rows = list(session.scalars(stmt.order_by(*cols).limit(limit + 1)))
+    rows = service.list_files(session, tenant_id=tenant.id, purpose=purpose, after=after, order=order,
+                              limit=limit + 1)
     data = [file_object(f) for f in rows[:limit]]
     return ListPage(data=data, has_more=len(rows) > limit, first_id=data[0].id if data else None,
                     last_id=data[-1].id if data else None)
 
 
-def _owned(session, tenant_id: str, file_id: str) -> File:
-    row = get_file(session, tenant_id=tenant_id, file_id=file_id)
-    if row is None:
-        raise NotFound(f"No such file: {file_id!r}.", param="file_id")
-    return row
-
-
 @router.get("/{file_id}", response_model=FileObject, responses=error_responses(404))
 def retrieve_file(file_id: str, tenant: TenantDep, session: SessionDep) -> FileObject:
     """Get a file's metadata."""
-    return file_object(_owned(session, tenant.id, file_id))
+    return file_object(service.owned_file(session, tenant_id=tenant.id, file_id=file_id))
 
 
 @router.delete("/{file_id}", response_model=Deleted, responses=error_responses(404, 409))
 def delete_file(file_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> Deleted:
     """Delete a file; refused (409) while an unfinished job uses it."""
-    row = _owned(session, tenant.id, file_id)
-    in_use = session.scalar(
-        select(Job.id).where(
-            Job.tenant_id == tenant.id,
-            Job.status.not_in([str(s) for s in TERMINAL]),
-            (Job.training_file == file_id) | (Job.validation_file == file_id)
-            | (Job.test_file == file_id) | (Job.model == file_id),
-        ).limit(1)
-    )
-    if in_use:
-        raise Conflict(f"File {file_id} is used by job {in_use}, which has not finished.", param="file_id")
-    session.delete(row)
-    session.commit()
-    folder = settings.files_dir / file_id
-    if folder.resolve().is_relative_to(settings.files_dir.resolve()):
-        shutil.rmtree(folder, ignore_errors=True)
+    service.delete_file(session, settings, tenant_id=tenant.id, file_id=file_id)
     return Deleted(id=file_id, object="file")
 
 
@@ -172,12 +136,6 @@ def delete_file(file_id: str, tenant: TenantDep, session: SessionDep, settings: 
             responses={200: {"content": CONTENT_TYPES}, **error_responses(404)})
 def file_content(file_id: str, tenant: TenantDep, session: SessionDep) -> FileResponse:
     """Download a dataset file's bytes (model files are stored extracted and can't be downloaded)."""
-    row = _owned(session, tenant.id, file_id)
-    if row.purpose == FilePurpose.MODEL:
-        raise BadRequest("Model files are stored extracted; their archive is not kept.", param="file_id",
-                         code="content_unavailable")
-    path = Path(row.path)
-    if not path.is_file():
-        raise NotFound(f"The content of file {file_id} is gone.", param="file_id")
+    row, path = service.file_content(session, tenant_id=tenant.id, file_id=file_id)
     fmt = (row.details or {}).get("format", "")
     return FileResponse(path, media_type=MEDIA_TYPES.get(fmt, "application/octet-stream"), filename=row.filename)

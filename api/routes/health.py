@@ -6,7 +6,8 @@ import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
+
+from lathe.db.session import ping
 
 router = APIRouter(tags=["operations"])
 
@@ -19,8 +20,7 @@ def healthz() -> dict[str, str]:
 
 def _check_db(request: Request) -> str | None:
     try:
-        with request.app.state.session_factory() as session:
-            session.execute(text("SELECT 1"))
+        ping(request.app.state.session_factory)
     except Exception as exc:  # noqa: BLE001
         return f"{type(exc).__name__}"
     return None

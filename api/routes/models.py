@@ -1,4 +1,5 @@
-"""The tenant's fine-tuned models: list, get, delete, download, quick predictions."""
+"""The tenant's fine-tuned models: list, get, delete, download, quick predictions (the rows are
+lathe.registry's; a prediction runs here, in a subprocess per request)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,17 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from lathe.db.tables import TERMINAL, Job, Model
 from api.deps import SessionDep, SettingsDep, TenantDep
-from lathe.errors import BadRequest, Conflict, LatheError, NotFound
 from api.schemas import (V1_ERRORS, Deleted, ListPage, ModelObject, PredictRequest, PredictResponse, error_responses,
                          model_object)
+from lathe import registry
+from lathe.errors import BadRequest, LatheError
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=V1_ERRORS)
 log = logging.getLogger("lathe.api")
@@ -27,19 +25,10 @@ log = logging.getLogger("lathe.api")
 ROOT = Path(__file__).resolve().parents[2]  # the checkout, so `python -m core.predict` resolves
 
 
-def _owned(session: Session, tenant_id: str, model: str) -> Model:
-    row = session.scalar(select(Model).where(Model.id == model, Model.tenant_id == tenant_id))
-    if row is None:
-        raise NotFound(f"The model {model!r} does not exist.", param="model", code="model_not_found")
-    return row
-
-
 @router.get("", response_model=ListPage[ModelObject])
 def list_models(tenant: TenantDep, session: SessionDep) -> ListPage[ModelObject]:
     """List the tenant's fine-tuned models, newest first."""
-    rows = session.scalars(select(Model).where(Model.tenant_id == tenant.id)
-                           .order_by(Model.created_at.desc(), Model.id.desc()))
-    data = [model_object(m) for m in rows]
+    data = [model_object(m) for m in registry.list_models(session, tenant_id=tenant.id)]
     return ListPage(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
 
 
@@ -48,10 +37,7 @@ def list_models(tenant: TenantDep, session: SessionDep) -> ListPage[ModelObject]
             responses={200: {"content": {"application/x-tar": {}}}, **error_responses(404)})
 def model_content(model: str, tenant: TenantDep, session: SessionDep) -> FileResponse:
     """Download the model as a .tar of its Hugging Face folder (weights, config, tokenizer, spec, report)."""
-    row = _owned(session, tenant.id, model)
-    path = Path(row.archive_path)
-    if not path.is_file():
-        raise NotFound(f"The archive of model {model!r} is missing.", param="model")
+    row, path = registry.model_archive(session, tenant_id=tenant.id, model_id=model)
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in row.id) + ".tar"
     return FileResponse(path, media_type="application/x-tar", filename=name)
 
@@ -61,7 +47,7 @@ def model_content(model: str, tenant: TenantDep, session: SessionDep) -> FileRes
 async def predict(model: str, body: PredictRequest, request: Request, tenant: TenantDep,
                   session: SessionDep) -> PredictResponse:
     """Run a small batch of inputs through the model (a quick check, not a serving endpoint)."""
-    row = await run_in_threadpool(_owned, session, tenant.id, model)
+    row = await run_in_threadpool(registry.owned_model, session, tenant_id=tenant.id, model_id=model)
     state = request.app.state
     payload = json.dumps(body.model_dump()).encode()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -95,22 +81,11 @@ async def predict(model: str, body: PredictRequest, request: Request, tenant: Te
 @router.get("/{model:path}", response_model=ModelObject, responses=error_responses(404))
 def retrieve_model(model: str, tenant: TenantDep, session: SessionDep) -> ModelObject:
     """Get a fine-tuned model."""
-    return model_object(_owned(session, tenant.id, model))
+    return model_object(registry.owned_model(session, tenant_id=tenant.id, model_id=model))
 
 
 @router.delete("/{model:path}", response_model=Deleted, responses=error_responses(404, 409))
 def delete_model(model: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> Deleted:
     """Delete a fine-tuned model and its files; refused (409) while an unfinished job trains from it."""
-    row = _owned(session, tenant.id, model)
-    in_use = session.scalar(select(Job.id).where(
-        Job.tenant_id == tenant.id, Job.model == model, Job.status.not_in([str(s) for s in TERMINAL])).limit(1))
-    if in_use:
-        raise Conflict(f"Model {model} is the base of job {in_use}, which has not finished.", param="model")
-    paths = [Path(row.path), Path(row.archive_path)]
-    session.delete(row)
-    session.commit()
-    data_dir = settings.resolved_data_dir
-    for p in paths:  # only what Lathe itself wrote
-        if p.exists() and p.resolve().is_relative_to(data_dir):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    registry.delete_model(session, settings, tenant_id=tenant.id, model_id=model)
     return Deleted(id=model, object="model")

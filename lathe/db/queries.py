@@ -3,12 +3,12 @@ where a caller acts for a tenant. A job's status is written by lathe.lifecycle a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from lathe.db.tables import Checkpoint, Event, File, Job, new_id, now
+from lathe.db.tables import TERMINAL, Checkpoint, Event, File, Job, Model, new_id, now
 
 
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
@@ -17,6 +17,27 @@ def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
 
 def get_file(session: Session, *, tenant_id: str, file_id: str) -> File | None:
     return session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+
+
+def get_model(session: Session, *, tenant_id: str, model_id: str) -> Model | None:
+    """A tenant's fine-tuned model (lathe.registry's)."""
+    return session.scalar(select(Model).where(Model.id == model_id, Model.tenant_id == tenant_id))
+
+
+JobRef = Literal["training_file", "validation_file", "test_file", "model"]
+
+
+def unfinished_job_using(session: Session, *, tenant_id: str, ref: str, columns: tuple[JobRef, ...]) -> str | None:
+    """The id of one of the tenant's unfinished jobs that names `ref` in one of `columns`; None
+    when there is none (a file or model such a job needs must not be deleted)."""
+    uses = [getattr(Job, column) == ref for column in columns]
+    return session.scalar(select(Job.id).where(
+        Job.tenant_id == tenant_id, Job.status.not_in([str(s) for s in TERMINAL]), or_(*uses)).limit(1))
+
+
+def count_jobs_by_status(session: Session) -> dict[str, int]:
+    """Jobs by status over every tenant: the operator's view (Prometheus), never a tenant's."""
+    return {status: n for status, n in session.execute(select(Job.status, func.count()).group_by(Job.status))}
 
 
 CHECKPOINT_SUFFIX = ":ckpt-step-"

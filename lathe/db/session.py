@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -47,3 +47,13 @@ def session_scope(url: str) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def ping(factory: sessionmaker[Session]) -> None:
+    """`SELECT 1` on a session from `factory` (readiness).
+
+    Raises:
+        Exception: whatever the driver raises when the database is unreachable.
+    """
+    with factory() as session:
+        session.execute(text("SELECT 1"))

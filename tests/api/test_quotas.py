@@ -23,7 +23,7 @@ from lathe.keys import create_key
 from lathe.db.tables import Base, File, Job, JobStatus, Model, Tenant, new_id, now
 from lathe.db.session import engine_for, session_scope
 from lathe.errors import RateLimited
-from api.limits import stored_bytes
+from lathe.quotas import stored_bytes
 from api.main import create_app
 from lathe.settings import Settings
 from lathe.stack import free_port, wait_for_port
