@@ -13,8 +13,8 @@ from pathlib import Path, PurePosixPath
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from lathe.db.tables import File, FilePurpose, Job, Model, Tenant
-from lathe.db.queries import get_checkpoint
+from lathe.db.tables import File, FilePurpose, Job, Tenant
+from lathe.db.queries import get_checkpoint, get_model
 from lathe.errors import BadRequest, NotFound
 from lathe.settings import Settings
 
@@ -52,6 +52,8 @@ def resolve_model(session: Session, settings: Settings, *, tenant_id: str, name:
         BadRequest: a file that is not purpose=model; code "model_not_allowed" for a hub id outside
             LATHE_HUB_MODEL_ALLOWLIST.
     """
+    if "\x00" in name:  # no path, id or hub name has one (and PostgreSQL refuses it in a query)
+        raise BadRequest("model: a NUL character is not allowed.", param="model", code="invalid_value")
     if name.startswith("file-"):
         file = session.scalar(select(File).where(File.id == name, File.tenant_id == tenant_id))
         if file is None:
@@ -79,7 +81,7 @@ def resolve_model(session: Session, settings: Settings, *, tenant_id: str, name:
         if folder.is_relative_to(root) and (folder / "config.json").is_file():
             return ModelSource("local", str(folder))
 
-    model = session.scalar(select(Model).where(Model.id == name, Model.tenant_id == tenant_id))
+    model = get_model(session, tenant_id=tenant_id, model_id=name)
     if model is not None:
         if not Path(model.path).is_dir():
             raise NotFound(f"The files of fine-tuned model {name!r} are gone.", param="model", code="model_not_found")
