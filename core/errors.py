@@ -36,6 +36,12 @@ class ModelError(EngineError):
     code = "invalid_model"
 
 
+class InapplicableFieldError(EngineError):
+    """A field the request set that cannot take effect for its job (see core.applicability)."""
+
+    code = "inapplicable_field"
+
+
 class OutOfMemoryError(EngineError):
     """The job's configuration does not fit the device's memory."""
 

@@ -8,14 +8,20 @@ The toolbox reads in the order a practitioner thinks about a run: what the data 
 lengths, packing), what is done to the network before training (`head`, `dropout`, `freeze`,
 `lora`), how it is optimised (`optimizer`, `scheduler`, `loss`, clipping, precision), what varies
 in the inputs (`augmentation`), and how the run is watched (evaluation, checkpoints, early stopping).
+
+The validators here judge values alone (a regex that does not compile, an mlp head without hidden
+sizes), so that any stored spec re-validates. Whether a field the request set can take effect for
+its job (its task, data, model and other fields) is core.applicability's question: it reads
+`model_fields_set`, which a plain `model_dump()` would lose — store `model_dump(exclude_unset=True)`.
 """
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 SPEC_VERSION = 1
 
@@ -82,21 +88,32 @@ class HeadConfig(_Strict):
                                "mlp: hidden layers (hidden_sizes) with activation, optional batch norm, dropout."
     )
     hidden_sizes: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
-        default_factory=list, max_length=8, description="mlp: widths of the hidden layers."
+        default_factory=list, max_length=8, validate_default=True, description="mlp: widths of the hidden layers."
     )
     activation: Literal["gelu", "relu", "tanh", "silu"] = Field("gelu", description="mlp: the activation.")
     batch_norm: bool = Field(False, description="mlp: BatchNorm1d after each hidden linear layer.")
     dropout: float | None = Field(
-        None, ge=0, lt=1, description="Dropout before each linear layer of the head; default the model's own."
+        None, ge=0, lt=1, description="linear/mlp: dropout before each linear layer of the head; default "
+                                      "config.dropout.classifier, else 0.1."
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> "HeadConfig":
-        if self.type == "mlp" and not self.hidden_sizes:
+    # Field validators (not one model validator) so that an error names the field: config.head.hidden_sizes.
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _hidden_sizes_for_mlp(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        kind = info.data.get("type")  # absent when type itself was invalid
+        if kind == "mlp" and not value:
             raise ValueError("head.type mlp needs hidden_sizes, e.g. [256]")
-        if self.type != "mlp" and (self.hidden_sizes or self.batch_norm):
-            raise ValueError("hidden_sizes and batch_norm apply to head.type mlp only")
-        return self
+        if kind not in (None, "mlp") and value:
+            raise ValueError("hidden_sizes apply to head.type mlp only")
+        return value
+
+    @field_validator("batch_norm")
+    @classmethod
+    def _batch_norm_for_mlp(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("type", "mlp") != "mlp":
+            raise ValueError("batch_norm applies to head.type mlp only")
+        return value
 
 
 class DropoutConfig(_Strict):
@@ -104,7 +121,8 @@ class DropoutConfig(_Strict):
 
     hidden: float | None = Field(None, ge=0, lt=1, description="Dropout on hidden states/residual paths.")
     attention: float | None = Field(None, ge=0, lt=1, description="Dropout on attention probabilities.")
-    classifier: float | None = Field(None, ge=0, lt=1, description="Dropout before the classification head.")
+    classifier: float | None = Field(None, ge=0, lt=1, description="Dropout before the classification head "
+                                                                   "(classification tasks).")
 
 
 class GradualUnfreezingConfig(_Strict):
@@ -124,10 +142,21 @@ class FreezeConfig(_Strict):
         default_factory=list, max_length=64,
         description="Python regexes; a parameter whose name matches any (re.search) is frozen.",
     )
-    backbone: bool = Field(False, description="Freeze everything but the head (linear probing).")
+    backbone: bool = Field(False, description="Freeze everything but the head (linear probing; causal-lm: the "
+                                              "output layer, when it is not tied to the embeddings).")
     gradual_unfreezing: GradualUnfreezingConfig | None = Field(
         None, description="Start with all but the head frozen and unfreeze layer groups top-down on a schedule."
     )
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for i, pattern in enumerate(patterns):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"pattern {i + 1} ({pattern!r}) is not a valid Python regex: {e}") from None
+        return patterns
 
 
 class LoraConfig(_Strict):
@@ -145,6 +174,13 @@ class LoraConfig(_Strict):
                           "in adapter/ either way."
     )
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_target(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module, or give null (peft's default) or all-linear")
+        return value
+
 
 class OptimizerConfig(_Strict):
     name: Literal["adamw", "adam", "sgd", "adafactor"] = Field(
@@ -156,7 +192,8 @@ class OptimizerConfig(_Strict):
                           "Base: 5e-5 for encoders (2e-3 with LoRA), 2e-5 for causal LMs (1e-4 with LoRA), 1e-3 for vision."
     )
     head_learning_rate: Annotated[float, Field(gt=0, le=1.0)] | None = Field(
-        None, description="A separate learning rate for the head (new layers learn faster); default the same."
+        None, description="A separate learning rate for the head (new layers learn faster); default the same. "
+                          "causal-lm: the output layer, when it trains (not tied to the embeddings, no LoRA)."
     )
     layerwise_lr_decay: float = Field(
         1.0, gt=0, le=1.0, description="Layer-wise LR decay: block i from the top trains at lr x decay^i; "
@@ -167,16 +204,17 @@ class OptimizerConfig(_Strict):
     l1_penalty: float = Field(0.0, ge=0, le=1.0, description="Adds l1_penalty x sum|w| over the decayed weights "
                                                              "to the loss.")
     beta1: float = Field(0.9, ge=0, lt=1, description="adam/adamw first-moment decay (adafactor: null when 0).")
-    beta2: float = Field(0.999, ge=0, lt=1, description="adam/adamw second-moment decay.")
-    eps: float = Field(1e-8, gt=0, le=1e-3)
+    beta2: float = Field(0.999, ge=0, lt=1, description="adam/adamw second-moment decay (adafactor has its own).")
+    eps: float = Field(1e-8, gt=0, le=1e-3, description="adam/adamw: added to the denominator (adafactor has its own).")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum.")
     nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs momentum > 0).")
 
-    @model_validator(mode="after")
-    def _check(self) -> "OptimizerConfig":
-        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+    @field_validator("nesterov")
+    @classmethod
+    def _nesterov_for_sgd(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and (info.data.get("name", "sgd") != "sgd" or info.data.get("momentum", 1) == 0):
             raise ValueError("nesterov applies to optimizer sgd with momentum > 0")
-        return self
+        return value
 
 
 class SchedulerConfig(_Strict):
@@ -184,7 +222,8 @@ class SchedulerConfig(_Strict):
         "constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "step", "exponential",
         "reduce_on_plateau",
     ] = Field("linear", description="Learning-rate schedule after warmup (transformers/torch schedulers).")
-    warmup_ratio: float = Field(0.06, ge=0, le=0.5, description="Fraction of optimizer steps spent warming up.")
+    warmup_ratio: float = Field(0.06, ge=0, le=0.5, description="Fraction of optimizer steps spent warming up "
+                                                                "(unless warmup_steps is set).")
     warmup_steps: Annotated[int, Field(ge=0)] | None = Field(
         None, description="Warmup steps; overrides warmup_ratio when set."
     )
@@ -195,16 +234,19 @@ class SchedulerConfig(_Strict):
     )
     gamma: float = Field(0.5, gt=0, le=1, description="step/exponential: multiplicative decay "
                                                       "(exponential: per epoch).")
-    plateau_patience: int = Field(1, ge=0, le=100, description="reduce_on_plateau: evaluations without "
-                                                               "improvement of metric_for_best_model before the LR drops.")
+    plateau_patience: int = Field(1, ge=0, le=100, description="reduce_on_plateau (needs a validation file): "
+                                                               "evaluations without improvement of "
+                                                               "metric_for_best_model before the LR drops.")
     plateau_factor: float = Field(0.5, gt=0, lt=1, description="reduce_on_plateau: multiplicative drop.")
 
 
 class LossConfig(_Strict):
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing (single-label, image).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing: single-label "
+                                                                 "text, token and image classification.")
     class_weights: Literal["balanced"] | dict[str, Annotated[float, Field(gt=0)]] | None = Field(
         None, description="Per-class loss weights: balanced (n / (k x count), as scikit-learn) or "
-                          "{label: weight}; single-label and multi-label (positive weight) classification."
+                          "{label: weight}; text (single-label; multi-label: positive weight), token (per tag) "
+                          "and image classification."
     )
 
 
@@ -233,7 +275,8 @@ class ImageAugmentationConfig(_Strict):
 
 
 class AugmentationConfig(_Strict):
-    text: TextAugmentationConfig | None = Field(None, description="Text/causal/token tasks; null: none.")
+    text: TextAugmentationConfig | None = Field(None, description="text-classification and token-classification; "
+                                                                  "null: none.")
     image: ImageAugmentationConfig | None = Field(None, description="image-classification; null: none.")
 
 
@@ -243,12 +286,21 @@ class EarlyStoppingConfig(_Strict):
     metric: str | None = Field(None, description="Validation metric watched; default metric_for_best_model.")
     mode: Literal["auto", "min", "max"] = Field("auto", description="auto: from the metric (loss: min, f1: max).")
 
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str | None) -> str | None:
+        return value if value is None else _known(value)
+
 
 class TrainingConfig(_Strict):
     """The training toolbox (Lathe's `config` extension of the job object)."""
 
-    text_column: str = Field("text", min_length=1, max_length=128, description="Column/key with the input text.")
-    label_column: str = Field("label", min_length=1, max_length=128, description="Column/key with the label.")
+    text_column: str = Field("text", min_length=1, max_length=128,
+                             description="Column/key with the input text: text-classification, and causal-lm "
+                                         "plain-text rows.")
+    label_column: str = Field("label", min_length=1, max_length=128,
+                              description="Column/key with the label: text-classification, image-classification "
+                                          "(Parquet).")
     tokens_column: str = Field("tokens", min_length=1, max_length=128,
                                description="token-classification: key with the list of words.")
     tags_column: str = Field("tags", min_length=1, max_length=128,
@@ -260,10 +312,13 @@ class TrainingConfig(_Strict):
                           "label_separator), regression when they are non-integer numbers, else single_label."
     )
     label_separator: str | None = Field(
-        None, min_length=1, max_length=8, description="Splits a CSV label cell into several labels (multi_label)."
+        None, min_length=1, max_length=8, description="text-classification: splits a label string (a CSV cell) "
+                                                      "into several labels; implies multi_label."
     )
-    max_length: int = Field(128, ge=8, le=32768, description="Tokens per example; longer inputs are truncated.")
-    truncation_side: Literal["right", "left"] = Field("right", description="Which end of a long input is cut.")
+    max_length: int = Field(128, ge=8, le=32768, description="Tokens per example; longer inputs are truncated "
+                                                             "(text tasks).")
+    truncation_side: Literal["right", "left"] = Field("right", description="Which end of a long input is cut "
+                                                                           "(text tasks).")
     image_size: Annotated[int, Field(ge=8, le=1024)] | None = Field(
         None, description="image-classification: side of the square input; default the processor's size."
     )
@@ -297,23 +352,28 @@ class TrainingConfig(_Strict):
         False, description="Recompute activations in the backward pass: less memory, ~30% more compute."
     )
     group_by_length: bool = Field(
-        True, description="Batch examples of similar length together (less padding); batch order stays random."
+        True, description="Batch examples of similar length together (less padding); batch order stays random. "
+                          "Text tasks (images are all one length)."
     )
     eval_every_steps: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="Evaluate on the validation set every N optimizer steps; null: once per epoch."
+        None, description="Evaluate on the validation set every N optimizer steps (needs a validation file); "
+                          "null: once per epoch."
     )
     checkpoint_every_steps: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="Save a resumable checkpoint every N optimizer steps; null: after each evaluation."
+        None, description="Save a resumable checkpoint every N optimizer steps; null: after each evaluation "
+                          "(so none without a validation file)."
     )
     metric_for_best_model: str = Field(
-        "loss", description="Validation metric that picks the best checkpoint and drives reduce_on_plateau. "
+        "loss", description="Validation metric (needs a validation file) that picks the best checkpoint and "
+                            "drives reduce_on_plateau. "
                             "By task: text/image classification loss, accuracy, f1_macro, f1_micro, f1_weighted, "
                             "precision_macro, recall_macro; multi-label loss, f1_micro, f1_macro, exact_match, "
                             "hamming_loss; regression loss, mse, rmse, mae, r2; token-classification loss, f1, "
                             "precision, recall, accuracy; causal-lm loss, perplexity, token_accuracy."
     )
     early_stopping: EarlyStoppingConfig | None = Field(
-        None, description="Stop when the validation metric stops improving; the best weights are restored."
+        None, description="Stop when the validation metric stops improving (needs a validation file); with "
+                          "load_best_model_at_end the best weights are exported."
     )
     load_best_model_at_end: bool = Field(
         True, description="Export the weights of the best evaluation, not the last step (needs a validation file)."
@@ -324,19 +384,26 @@ class TrainingConfig(_Strict):
                           "with error.code deadline_exceeded."
     )
 
-    @model_validator(mode="after")
-    def _check_combinations(self) -> "TrainingConfig":
-        if self.lora is not None and self.freeze.gradual_unfreezing is not None:
+    # lora is declared after freeze, so its validator sees freeze (and the error names config.lora).
+    @field_validator("lora")
+    @classmethod
+    def _lora_without_gradual_unfreezing(cls, value: LoraConfig | None, info: ValidationInfo) -> LoraConfig | None:
+        freeze = info.data.get("freeze")
+        if value is not None and freeze is not None and freeze.gradual_unfreezing is not None:
             raise ValueError("freeze.gradual_unfreezing and lora cannot be combined (LoRA already freezes the base)")
-        return self
+        return value
 
-    @model_validator(mode="after")
-    def _check_metric(self) -> "TrainingConfig":
-        for name, value in (("metric_for_best_model", self.metric_for_best_model),
-                            ("early_stopping.metric", self.early_stopping and self.early_stopping.metric)):
-            if value and value not in ALL_METRICS:
-                raise ValueError(f"{name} must be one of {sorted(ALL_METRICS)}, not {value!r}")
-        return self
+    @field_validator("metric_for_best_model")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        return _known(value)
+
+
+def _known(metric: str) -> str:
+    """`metric` if some task reports it (which task's metric it must be is core.applicability's check)."""
+    if metric not in ALL_METRICS:
+        raise ValueError(f"must be one of {', '.join(sorted(ALL_METRICS))}, not {metric!r}")
+    return metric
 
 
 class JobSpec(_Strict):
