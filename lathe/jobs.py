@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -15,12 +16,14 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core.applicability import check_applicable, model_facts
+from core.errors import EngineError
 from core.spec import Hyperparameters, JobSpec, Task, TrainingConfig
 from lathe import lifecycle
 from lathe.db.queries import add_event, get_file, get_job
 from lathe.db.tables import Event, FilePurpose, Job, JobStatus, new_id, now
 from lathe.errors import BadRequest, Conflict, NotFound, dotted_param
-from lathe.model_source import resolve_model
+from lathe.model_source import ModelSource, resolve_model
 from lathe.queue import RUN_TASK, VALIDATE_TASK
 from lathe.settings import Settings
 
@@ -84,20 +87,29 @@ def _hyperparameters(body: JobCreate) -> tuple[Hyperparameters | None, str]:
 
 
 def build_spec(body: JobCreate, *, seed: int) -> JobSpec:
-    """The request as a JobSpec, typed all the way (the request's set fields stay marked as set:
-    that is what `check_applicable` reads, and what is stored).
-
-    Raises:
-        BadRequest: a field that can't take effect for this job (param = the dotted field).
-    """
+    """The request as a JobSpec, typed all the way: the request's set fields stay marked as set
+    (that is what `check_applicable` reads, and what is stored)."""
     hyperparameters, _ = _hyperparameters(body)
     fields: dict[str, Any] = {"model": body.model, "training_file": body.training_file, "seed": seed}
     optional = {"task": body.task, "validation_file": body.validation_file, "test_file": body.test_file,
                 "suffix": body.suffix, "hyperparameters": hyperparameters, "config": body.config}
     fields.update({k: v for k, v in optional.items() if v is not None})
-    spec: JobSpec = validated(JobSpec, fields)
-    # WIRE: check_applicable(spec, task=spec.task) once core.applicability lands
-    return spec
+    return validated(JobSpec, fields)
+
+
+def check_spec(spec: JobSpec, body: JobCreate, source: ModelSource) -> None:
+    """Refuse every field the request set that can't take effect, as far as the request and the
+    model folder tell (the data is judged again in validating_files).
+
+    Raises:
+        BadRequest: code "inapplicable_field", param the dotted field (e.g. "config.packing").
+    """
+    _, hp_param = _hyperparameters(body)
+    facts = model_facts(Path(source.base)) if source.kind != "hub" else None
+    try:
+        check_applicable(spec, task=spec.task, model=facts, hyperparameters_param=hp_param)
+    except EngineError as e:
+        raise BadRequest(e.message, param=e.param, code=e.code) from None
 
 
 def stored_spec(spec: JobSpec) -> dict[str, Any]:
@@ -157,6 +169,7 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, payload:
     spec = build_spec(body, seed=seed)
     check_files(session, tenant_id=tenant_id, body=body)
     source = resolve_model(session, settings, tenant_id=tenant_id, name=body.model)
+    check_spec(spec, body, source)
 
     job = Job(
         id=new_id("ftjob"), tenant_id=tenant_id, spec=stored_spec(spec), model=body.model,

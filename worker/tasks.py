@@ -17,18 +17,19 @@ from typing import Any
 
 from sqlalchemy import select
 
-from lathe.db.tables import Checkpoint, File, Job, JobStatus, now
+from core.applicability import DataFacts, check_applicable, model_facts
+from core.datasets import FILE_PARAMS, DatasetSummary, inspect_files
+from core.errors import DataError, EngineError, ModelError
+from core.spec import JobSpec, Task
 from lathe.db.queries import add_event
 from lathe.db.session import session_scope
+from lathe.db.tables import Checkpoint, File, Job, JobStatus, now
 from lathe.errors import LatheError
 from lathe.lifecycle import Actor, claim_job, move
-from lathe.settings import Settings, get_settings
-from core.datasets import FILE_PARAMS, DatasetSummary, inspect_files
-from core.errors import DataError, EngineError
-from core.spec import JobSpec, Task
 from lathe.model_source import resolve_model
-from worker.finalise import fail, finalise
 from lathe.queue import publish_run
+from lathe.settings import Settings, get_settings
+from worker.finalise import fail, finalise
 from worker.supervisor import start_child, supervise
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,19 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
             file = session.get(File, file_id) if file_id else None
             files[param] = (file_id, file.path) if file is not None and file.tenant_id == tenant_id else (
                 (file_id, "") if file_id else None)
+        try:
+            source = resolve_model(session, settings, tenant_id=tenant_id, name=job.model)
+        except LatheError as e:
+            source, model_error = None, e.to_dict()
 
     try:
+        if source is None:
+            raise ModelError(model_error["message"], param="model", code=model_error["code"])
         spec = JobSpec.model_validate(spec_data)
         task, infos = _inspect(spec, files)
+        # What only the data and the model tell: the inferred task, the problem type, the depth.
+        check_applicable(spec, task=task, data=DataFacts.from_summaries(infos),
+                         model=model_facts(Path(source.base)) if source.kind != "hub" else None)
     except EngineError as e:
         error = e.to_dict()
     except Exception as e:  # noqa: BLE001 - an unreadable file must fail the job, not loop

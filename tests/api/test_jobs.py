@@ -84,7 +84,7 @@ def test_method_supervised(client, acme, train_file):
     ({"hyperparameters": {"epochs": 3}}, "hyperparameters.epochs"),
     ({"config": {"optimizer": {"learning_rate": 5}}}, "config.optimizer.learning_rate"),
     ({"config": {"max_length": 2}}, "config.max_length"),
-    ({"config": {"metric_for_best_model": "bleu"}}, "config"),
+    ({"config": {"metric_for_best_model": "bleu"}}, "config.metric_for_best_model"),
     ({"method": {"type": "dpo", "dpo": {}}}, "method.type"),
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": -1}}}},
      "method.supervised.hyperparameters.batch_size"),
@@ -272,3 +272,40 @@ def test_hub_models_can_be_restricted_to_an_allow_list(client, acme, train_file,
             assert create(client, acme, model=allowed, training_file=train_file).status_code == 200
     finally:
         settings.hub_model_allowlist = ""
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"task": "text-classification", "config": {"packing": True}}, "config.packing"),
+    ({"task": "causal-lm", "config": {"augmentation": {"text": {"deletion": 0.1}}}}, "config.augmentation.text"),
+    ({"task": "causal-lm", "config": {"head": {"type": "linear"}}}, "config.head.type"),
+    ({"task": "text-classification", "config": {"image_size": 64}}, "config.image_size"),
+    ({"config": {"scheduler": {"name": "linear", "num_cycles": 3}}}, "config.scheduler.num_cycles"),
+    ({"config": {"optimizer": {"name": "adamw", "momentum": 0.5}}}, "config.optimizer.momentum"),
+    ({"config": {"eval_every_steps": 10}}, "config.eval_every_steps"),  # no validation file
+    ({"config": {"early_stopping": {"patience": 2}}}, "config.early_stopping"),
+    ({"config": {"head": {"dropout": 0.3}}}, "config.head.dropout"),  # the default head
+    ({"config": {"freeze": {"patterns": ["(unclosed"]}}}, "config.freeze.patterns"),
+])
+def test_inapplicable_fields_are_refused_at_create(client, acme, train_file, extra, param):
+    body = {"model": "bert-base-uncased", "training_file": train_file, **extra}
+    err = assert_error(create(client, acme, **body), 400, param=param)
+    assert err["code"] in ("inapplicable_field", "invalid_value"), err
+
+
+def test_a_freeze_deeper_than_the_model_is_refused_at_create(client, acme, train_file, settings):
+    folder = settings.models_dir / "two-layer-bert"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 2,
+                                                    "vocab_size": 100}))
+    ok = create(client, acme, model="two-layer-bert", training_file=train_file, config={"freeze": {"first_n_layers": 2}})
+    assert ok.status_code == 200, ok.text
+    err = assert_error(create(client, acme, model="two-layer-bert", training_file=train_file,
+                              config={"freeze": {"first_n_layers": 3}}), 400, param="config.freeze.first_n_layers")
+    assert "2" in err["message"]
+
+
+def test_defaults_are_never_refused(client, acme, train_file):
+    """The stored job shows the whole config with defaults, yet nothing the request didn't set counts."""
+    r = create(client, acme, model="bert-base-uncased", training_file=train_file, task="causal-lm")
+    assert r.status_code == 200, r.text
+    assert r.json()["config"]["head"]["type"] == "default" and r.json()["config"]["packing"] is False

@@ -95,7 +95,7 @@ def make_job(settings: Settings, *, train_rows: list[dict] | None = None, valid_
             "config": {"device": "cpu", "max_length": 16, **(config or {})}, "seed": 1, "suffix": suffix}
     from core.spec import JobSpec
 
-    spec = JobSpec.model_validate(spec).model_dump(mode="json")
+    spec = JobSpec.model_validate(spec).model_dump(mode="json", exclude_unset=True)  # as lathe.jobs stores it
     job_id = new_id("ftjob")
     with session_scope(settings.sqlalchemy_url) as session:
         session.add(Job(id=job_id, tenant_id=tenant_id, status=str(status), spec=spec, model=model,

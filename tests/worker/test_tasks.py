@@ -86,6 +86,20 @@ def test_validate_queues_and_publishes(settings):
     assert len(queued_messages(settings)) == 1
 
 
+@pytest.mark.parametrize("config, param", [
+    ({"packing": True}, "config.packing"),  # the task is inferred from the CSV: text-classification
+    ({"freeze": {"first_n_layers": 5}}, "config.freeze.first_n_layers"),  # tiny-bert has 2 layers
+    ({"loss": {"label_smoothing": 0.1}, "label_column": "score"}, "config.loss.label_smoothing"),  # regression
+])
+def test_validate_refuses_what_only_data_and_model_tell(settings, config, param):
+    rows = [{"text": r["text"], "score": float(i) / 7 + 0.01} for i, r in enumerate(sentiment_rows(40))]
+    job_id = make_job(settings, train_rows=rows if "label_column" in config else None, config=config)
+    assert tasks.validate_job(job_id, settings=settings) == JobStatus.FAILED
+    job = get_job(settings, job_id)
+    assert job.error["param"] == param and job.error["code"] == "inapplicable_field", job.error
+    assert queued_messages(settings) == []
+
+
 def test_validate_fails_on_missing_label_column(settings):
     job_id = make_job(settings, config={"label_column": "category"})
     assert tasks.validate_job(job_id, settings=settings) == JobStatus.FAILED
