@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from lathe.keys import Caller, verify_key
 from lathe.db.tables import Tenant
 from lathe.errors import Unauthorized
+from lathe.keys import Caller, verify_key
 from lathe.settings import Settings
 
 BEARER = {"WWW-Authenticate": "Bearer"}

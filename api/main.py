@@ -13,10 +13,10 @@ from fastapi.openapi.utils import get_openapi
 
 from api.errors import install_handlers
 from api.limits import KeyRateLimiter, check_upload_room, rate_limit
-from api.telemetry import MetricsMiddleware, make_registry
-from lathe.queue import Publisher
 from api.routes import files, health, job_data, jobs, models
+from api.telemetry import MetricsMiddleware, make_registry
 from lathe.jobs import JobCreate
+from lathe.queue import Publisher
 from lathe.quotas import install_quota_checks
 from lathe.settings import Settings, get_settings
 

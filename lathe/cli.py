@@ -127,9 +127,9 @@ def keys_create(
     expires_at: Annotated[str | None, typer.Option(help="Key stops working at this ISO 8601 time (UTC if no zone).")] = None,
 ) -> None:
     """Create an API key; it is shown once, as the last line."""
-    from lathe.keys import create_key
     from lathe.db.migrate import upgrade
     from lathe.db.session import session_scope
+    from lathe.keys import create_key
 
     if expires_in and expires_at:
         raise typer.BadParameter("give --expires-in or --expires-at, not both")
@@ -152,8 +152,8 @@ def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant'
     """List keys by their public prefix (never the secret), with when they were made, expire and were revoked."""
     from sqlalchemy import select
 
-    from lathe.db.tables import ApiKey, Tenant
     from lathe.db.session import session_scope
+    from lathe.db.tables import ApiKey, Tenant
 
     # The prefix is what `revoke`/`expire` take: never wrapped or cut; narrow terminals wrap the dates.
     dates = [Column(f"{name} (UTC)", min_width=10, overflow="fold") for name in ("created", "expires", "revoked")]
@@ -193,8 +193,8 @@ def keys_expire(
     at: Annotated[str, typer.Option(help="When the key stops working: 'now' or an ISO 8601 time (UTC if no zone).")] = "now",
 ) -> None:
     """Set when a key expires: now (the default) or at a given time, earlier or later than before."""
-    from lathe.keys import expire_key, key_id_of
     from lathe.db.session import session_scope
+    from lathe.keys import expire_key, key_id_of
 
     kid, when = key_id_of(key_id), _parse_when(at)
     with session_scope(get_settings().sqlalchemy_url) as session:

@@ -13,8 +13,8 @@ from pathlib import Path, PurePosixPath
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from lathe.db.tables import File, FilePurpose, Job, Tenant
 from lathe.db.queries import get_checkpoint, get_model
+from lathe.db.tables import File, FilePurpose, Job, Tenant
 from lathe.errors import BadRequest, NotFound
 from lathe.settings import Settings
 

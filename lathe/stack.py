@@ -284,8 +284,8 @@ class Child:
 
 def ensure_dev_key(settings: Settings) -> Path:
     """The embedded default's key for tenant "default": made on first start, kept in a 0600 file."""
-    from lathe.keys import authenticate, create_key
     from lathe.db.session import session_scope
+    from lathe.keys import authenticate, create_key
 
     path = settings.dev_key_file or settings.resolved_data_dir / "dev-key"
     with session_scope(settings.sqlalchemy_url) as session:

@@ -27,11 +27,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from lathe.db.tables import File, Job
-from lathe.db.session import session_scope
-from lathe.settings import get_settings
 from core.errors import EngineError
 from core.spec import JobSpec
+from lathe.db.session import session_scope
+from lathe.db.tables import File, Job
+from lathe.settings import get_settings
 from worker.sink import DbSink, StaleAttempt
 
 EXIT_STALE = 75

@@ -26,13 +26,22 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from lathe.db.tables import File, FilePurpose, Job, JobStatus, Metric, Model, new_id, now
 from lathe.db.queries import add_event
 from lathe.db.session import session_scope
+from lathe.db.tables import (
+    File,
+    FilePurpose,
+    Job,
+    JobStatus,
+    Metric,
+    Model,
+    new_id,
+    now,
+)
 from lathe.lifecycle import RELEASE_LEASE, Actor, move, release_lease
-from lathe.settings import Settings
 from lathe.model_source import fine_tuned_model_name
 from lathe.queue import publish_run, retry_backoff
+from lathe.settings import Settings
 from worker.supervisor import ChildExit
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from lathe.db.tables import Checkpoint, Job, JobStatus, Metric, new_id, now
 from lathe.db.queries import add_event
 from lathe.db.session import session_factory
+from lathe.db.tables import Checkpoint, Job, JobStatus, Metric, new_id, now
 
 log = logging.getLogger(__name__)
 

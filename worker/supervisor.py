@@ -21,8 +21,8 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from lathe.db.tables import Job, JobStatus
 from lathe.db.session import session_scope
+from lathe.db.tables import Job, JobStatus
 from lathe.settings import Settings
 from worker.child import attempt_paths, write_json_atomic
 

@@ -20,12 +20,12 @@ import time
 
 from sqlalchemy import or_, select, update
 
-from lathe.db.tables import Job, JobStatus, now
 from lathe.db.queries import add_event
 from lathe.db.session import session_scope
+from lathe.db.tables import Job, JobStatus, now
 from lathe.lifecycle import RELEASE_LEASE, Actor, move, release_lease
-from lathe.settings import Settings
 from lathe.queue import publish_run, publish_validate
+from lathe.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,14 @@ from starlette.concurrency import run_in_threadpool
 
 from api import archives
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.schemas import V1_ERRORS, Deleted, FileObject, ListPage, error_responses, file_object
+from api.schemas import (
+    V1_ERRORS,
+    Deleted,
+    FileObject,
+    ListPage,
+    error_responses,
+    file_object,
+)
 from api.uploads import receive_upload
 from core.errors import DataError
 from core.formats import check_file, dataset_format

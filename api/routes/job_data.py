@@ -13,8 +13,17 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, TenantDep
-from api.schemas import (V1_ERRORS, JobCheckpoint, JobEvent, ListPage, MetricSeries, checkpoint_object,
-                         error_responses, event_object, metric_point)
+from api.schemas import (
+    V1_ERRORS,
+    JobCheckpoint,
+    JobEvent,
+    ListPage,
+    MetricSeries,
+    checkpoint_object,
+    error_responses,
+    event_object,
+    metric_point,
+)
 from lathe import job_data as service
 from lathe.db.tables import Event
 

@@ -14,8 +14,16 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.schemas import (V1_ERRORS, Deleted, ListPage, ModelObject, PredictRequest, PredictResponse, error_responses,
-                         model_object)
+from api.schemas import (
+    V1_ERRORS,
+    Deleted,
+    ListPage,
+    ModelObject,
+    PredictRequest,
+    PredictResponse,
+    error_responses,
+    model_object,
+)
 from lathe import registry
 from lathe.errors import BadRequest, LatheError
 

@@ -13,7 +13,15 @@ import pytest
 from lathe import lifecycle
 from lathe.db.session import session_scope
 from lathe.db.tables import Job, JobStatus, Tenant, new_id, now
-from lathe.lifecycle import MOVES, USER_ACTIONS, Actor, IllegalMove, claim_job, move, user_move
+from lathe.lifecycle import (
+    MOVES,
+    USER_ACTIONS,
+    Actor,
+    IllegalMove,
+    claim_job,
+    move,
+    user_move,
+)
 from tests.databases import DB_KINDS, scratch_database
 
 ROOT = Path(__file__).resolve().parents[2]
