@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.sink import MetricsSink
+from core.spec import JobSpec
 
 
 @dataclass
@@ -241,3 +242,30 @@ __all__ = [
     "StopRequest",
     "TrainState",
 ]
+
+
+def build_callbacks(
+    spec: JobSpec, sink: MetricsSink, should_stop: Callable[[], bool], *, task_metrics: dict[str, bool],
+    has_validation: bool,
+) -> list[Callback]:
+    """The built-in callbacks for the spec: schedules, early stopping, reporting, stop requests.
+
+    Args:
+        task_metrics: the task's validation metrics and whether larger is better (adapter.metrics).
+    """
+    cfg = spec.config
+    callbacks: list[Callback] = [
+        EvaluationSchedule(cfg.eval_every_steps),
+        CheckpointSchedule(cfg.checkpoint_every_steps, keep_best=cfg.load_best_model_at_end and has_validation),
+    ]
+    stopping = cfg.early_stopping
+    if stopping is not None and not has_validation:
+        sink.event("early_stopping needs a validation file; it is off for this job.", level="warning")
+    if stopping is not None and has_validation:
+        metric = stopping.metric or cfg.metric_for_best_model
+        greater = task_metrics[metric] if stopping.mode == "auto" else stopping.mode == "max"
+        callbacks.append(
+            EarlyStopping(metric, greater_is_better=greater, patience=stopping.patience, min_delta=stopping.min_delta)
+        )
+    callbacks += [ProgressReporter(sink, every_steps=10), StopRequest(should_stop)]
+    return callbacks

@@ -34,7 +34,7 @@ class TrainingParts:
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Any  # core.optim.LRSchedule (state_dict/load_state_dict)
+    scheduler: Any  # core.schedules.LRSchedule (state_dict/load_state_dict)
     scaler: torch.amp.GradScaler | None
     state: TrainState
     callbacks: list[Callback]
@@ -126,6 +126,26 @@ def read_checkpoint_facts(path: Path) -> dict[str, Any]:
         return json.loads((path / STATE_FILE).read_text())["extra"]
     except (OSError, ValueError, KeyError):
         raise EngineError(f"{path} is not a complete checkpoint.", param="model", code="invalid_checkpoint") from None
+
+
+def start_from_checkpoint(path: Path, model: torch.nn.Module, *, task: str, labels: list[str] | None) -> None:
+    """Load an earlier job's checkpoint weights into `model` (built the same way: same task,
+    labels, head and LoRA settings).
+
+    Raises:
+        EngineError: param "model", code "invalid_model": a checkpoint of another task or label
+            set, or weights that do not fit this job's model.
+    """
+    facts = read_checkpoint_facts(path)
+    for key, mine in (("task", str(task)), ("labels", labels)):
+        if key in facts and facts[key] != mine:
+            raise EngineError(f"Checkpoint {path.name} was trained with {key} {facts[key]!r}, this job has {mine!r}.",
+                              param="model", code="invalid_model")
+    try:
+        load_model_weights(path, model)
+    except (RuntimeError, KeyError) as e:
+        raise EngineError(f"Checkpoint {path.name} does not fit this job's model (use the same config.head and "
+                          f"config.lora as its job): {str(e)[:300]}", param="model", code="invalid_model") from None
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:

@@ -2,10 +2,10 @@
 
 `run` asks the task's adapter (core.adapters) for the data, the model and the loss, applies the model
 surgery of the spec (core.surgery: dropout, freezing, LoRA, gradient checkpointing), builds the
-optimizer and schedule (core.optim), trains, and exports. Accumulation, the L1 term, clipping and
-scheduler steps are in the loop; everything that is not the math (evaluation and checkpoint
-scheduling, early stopping, gradual unfreezing, reporting, cancellation) is a callback acting
-through the Control flags.
+optimizer (core.optim) and schedule (core.schedules), trains, and exports. Accumulation, the L1
+term, clipping and scheduler steps are in the loop; everything that is not the math (evaluation
+and checkpoint scheduling, early stopping, gradual unfreezing, reporting, cancellation) is a
+callback acting through the Control flags.
 """
 
 from __future__ import annotations
@@ -22,35 +22,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.callbacks import (
-    Callback,
-    CheckpointSchedule,
-    Control,
-    EarlyStopping,
-    EvaluationSchedule,
-    ProgressReporter,
-    StopRequest,
-    TrainState,
-)
+from core.adapters import DataFiles, Split, TaskAdapter, TaskData, adapter_for
+from core.callbacks import Callback, Control, TrainState, build_callbacks
 from core.checkpoint import (
     TrainingParts,
     checkpoint_name,
     load_checkpoint,
     load_model_weights,
-    read_checkpoint_facts,
     rotate_checkpoints,
     save_checkpoint,
+    start_from_checkpoint,
 )
-from core.sampling import BatchSampler
 from core.datasets import infer_task
 from core.device import Precision, is_out_of_memory, resolve_device, resolve_precision
 from core.errors import EngineError, OutOfMemoryError
 from core.export import export_model, pack_archive, reproducibility_record
-from core.optim import build_optimizer, build_scheduler, clip_gradients, decayed_parameters, l1_penalty
+from core.freezing import GradualUnfreezing
+from core.layers import LayerMap
+from core.optim import build_optimizer, clip_gradients, decayed_parameters, l1_penalty
+from core.sampling import BatchSampler, batch_rng
+from core.schedules import build_scheduler
 from core.sink import MetricsSink
 from core.spec import JobSpec, Task, TrainingConfig
-from core.surgery import GradualUnfreezing, prepare_model
-from core.adapters import DataFiles, TaskAdapter, TaskData, adapter_for
+from core.surgery import prepare_model
 
 KEEP_LAST_CHECKPOINTS = 2
 
@@ -65,6 +59,9 @@ class RunPaths:
     resume_from: Path | None = None  # a checkpoint folder of this job's own run to continue
     init_from: Path | None = None  # a checkpoint folder of an earlier job whose weights this one starts from
 
+    def data_files(self) -> DataFiles:
+        return DataFiles(self.train_file, self.validation_file, self.test_file)
+
 
 @dataclass
 class RunResult:
@@ -75,6 +72,23 @@ class RunResult:
     metrics: dict  # {"latest", "best", "test", "baseline_test"}
     stopped_early: bool
     cancelled: bool
+
+
+@dataclass
+class Job:
+    """What one run trains, on what and where: built by `build_job` before the loop."""
+
+    task: Task
+    adapter: TaskAdapter
+    processor: Any
+    data: TaskData
+    model: torch.nn.Module  # prepared (core.surgery) and on the device
+    layers: LayerMap  # of the model before LoRA
+    frozen: set[str]  # names frozen by config.freeze
+    device: torch.device
+    precision: Precision
+    metric: str  # config.metric_for_best_model
+    greater_is_better: bool
 
 
 def run(
@@ -118,60 +132,38 @@ def run(
 
 
 def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_callbacks) -> RunResult:
+    # Setup: what is trained (the job), then the loop's parts, then where it starts from.
     cfg = spec.config
-    device = resolve_device(cfg)
-    precision = resolve_precision(cfg, device)
-    seed_everything(spec.seed)
-    task = spec.task or infer_task(paths.train_file, cfg)
-    adapter = adapter_for(task, spec)
-    processor = adapter.load_processor(paths.model)
-    data = adapter.prepare(DataFiles(paths.train_file, paths.validation_file, paths.test_file), processor)
-    metric, greater_is_better = check_metrics(adapter, cfg)
-    model = adapter.build_model(paths.model, data, processor)
-    model, layers, frozen = prepare_model(model, cfg, task=task)
-    if paths.init_from is not None and paths.resume_from is None:
-        start_from_checkpoint(Path(paths.init_from), model, task=task, labels=data.labels)
-        sink.event(f"Starting from the weights of checkpoint {Path(paths.init_from).name}.")
-    model.to(device)
-    sink.event(_describe(spec, task, data, model, device, precision), data=_balance(data))
-
-    batch_size, n_epochs = spec.batch_size(len(data.train)), spec.n_epochs()
-    accum = cfg.gradient_accumulation_steps
+    job = build_job(spec, paths, sink)
+    model, data, adapter, device, precision = job.model, job.data, job.adapter, job.device, job.precision
+    batch_size, n_epochs, accum = spec.batch_size(len(data.train)), spec.n_epochs(), cfg.gradient_accumulation_steps
     sampler = BatchSampler(data.train.lengths, batch_size=batch_size, seed=spec.seed, group_by_length=cfg.group_by_length)
     steps_per_epoch = math.ceil(len(sampler) / accum)
     max_steps = n_epochs * steps_per_epoch
-    optimizer = build_optimizer(model, cfg.optimizer, lr=spec.learning_rate(task))
+    optimizer = build_optimizer(model, cfg.optimizer, lr=spec.learning_rate(job.task))
     scheduler = build_scheduler(optimizer, cfg.scheduler, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
-    decayed = decayed_parameters(optimizer) if cfg.optimizer.l1_penalty > 0 else []
     scaler = precision.grad_scaler(device)
     state = TrainState(max_steps=max_steps, steps_per_epoch=steps_per_epoch, batches_per_epoch=len(sampler))
-    control = Control()
     callbacks = build_callbacks(spec, sink, should_stop, task_metrics=adapter.metrics,
                                 has_validation=data.validation is not None)
     if cfg.freeze.gradual_unfreezing is not None:
-        callbacks.insert(0, GradualUnfreezing(model, layers, cfg.freeze.gradual_unfreezing, frozen))
+        callbacks.insert(0, GradualUnfreezing(model, job.layers, cfg.freeze.gradual_unfreezing, job.frozen))
     callbacks += extra_callbacks
     evaluate = partial(adapter.evaluate, model, device=device, precision=precision,
                        batch_size=adapter.eval_batch_size(batch_size))
-    checkpoints = paths.work_dir / "checkpoints"
-    facts = {"task": str(task), "labels": data.labels, "batch_size": batch_size, "accumulation": accum,
+    facts = {"task": str(job.task), "labels": data.labels, "batch_size": batch_size, "accumulation": accum,
              "max_steps": max_steps}
-    record = reproducibility_record(
-        spec, task=task, device=device.type, precision=precision.name,
-        files={"training_file": paths.train_file, "validation_file": paths.validation_file, "test_file": paths.test_file},
-    )
+    record = reproducibility_record(spec, task=job.task, device=device.type, precision=precision.name,
+                                    files=paths.data_files().by_param())
     parts = TrainingParts(model, optimizer, scheduler, scaler, state, callbacks, facts, record)
+    resume_or_test_baseline(parts, paths.resume_from, sink, evaluate, data.test)
 
-    if paths.resume_from is not None:
-        load_checkpoint(Path(paths.resume_from), parts)
-        sink.event(f"Resumed from checkpoint at step {state.step}.")
-    elif data.test is not None:
-        state.baseline_test = evaluate(data.test)
-        sink.metrics(0, state.baseline_test, split="baseline_test")
-        sink.event("Test set before training (base model, fresh head): " + _fmt(state.baseline_test))
-
+    # The loop: one optimizer step per `accum` micro-batches; callbacks act through `control`.
+    checkpoints = paths.work_dir / "checkpoints"
+    decayed = decayed_parameters(optimizer) if cfg.optimizer.l1_penalty > 0 else []
     trainable = [p for p in model.parameters() if p.requires_grad or p in _all_params(optimizer)]
     pad_multiple = 8 if device.type == "cuda" else None  # tensor cores like multiples of 8
+    control = Control()
     for cb in callbacks:
         cb.on_train_begin(state, control)
     model.train()
@@ -180,27 +172,19 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
         first = state.batch_in_epoch
         for start in range(first - first % accum, len(batches), accum):
             started = time.perf_counter()
-            group = [
-                adapter.collate(data.train, batches[b], rng=batch_rng(spec.seed, state.epoch, b),
-                                pad_to_multiple_of=pad_multiple)
-                for b in range(start, min(start + accum, len(batches)))
-            ]
-            n_examples = sum(len(batches[b]) for b in range(start, start + len(group)))
+            end = min(start + accum, len(batches))
+            group = [_collate(adapter, data.train, batches[b], spec.seed, state.epoch, b, pad_multiple)
+                     for b in range(start, end)]
             # Each micro-batch's summed loss over the units of the whole step: accumulation == one big batch.
             units = max(1, sum(adapter.units(batch) for batch in group))
             step_loss = 0.0
             for batch in group:
                 state.trained_tokens += adapter.trained_tokens(batch)
-                batch = _to(batch, device)
                 with precision.autocast(device):
-                    loss_sum, _ = adapter.loss_sum(model, batch)
-                loss = loss_sum / units
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss.item()
+                    loss_sum, _ = adapter.loss_sum(model, _to(batch, device))
+                step_loss += _backward(loss_sum / units, scaler)
             if decayed:
-                penalty = l1_penalty(decayed, cfg.optimizer.l1_penalty)
-                (scaler.scale(penalty) if scaler else penalty).backward()
-                step_loss += penalty.item()
+                step_loss += _backward(l1_penalty(decayed, cfg.optimizer.l1_penalty), scaler)
             if scaler:
                 scaler.unscale_(optimizer)
             state.grad_norm = clip_gradients(trainable, max_norm=cfg.max_grad_norm, max_value=cfg.max_grad_value)
@@ -215,8 +199,8 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
 
             state.step += 1
             state.loss = step_loss
-            state.samples_seen += n_examples
-            state.batch_in_epoch = start + len(group)
+            state.samples_seen += sum(len(batches[b]) for b in range(start, end))
+            state.batch_in_epoch = end
             if state.batch_in_epoch == len(batches):
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             state.train_seconds += time.perf_counter() - started
@@ -225,23 +209,76 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
                 cb.on_step_end(state, control)
             if control.should_evaluate and data.validation is not None:
                 metrics = evaluate(data.validation)
-                state.record_evaluation(metrics, metric=metric, greater_is_better=greater_is_better)
-                scheduler.on_evaluate(metrics[metric], greater_is_better=greater_is_better)
+                state.record_evaluation(metrics, metric=job.metric, greater_is_better=job.greater_is_better)
+                scheduler.on_evaluate(metrics[job.metric], greater_is_better=job.greater_is_better)
                 for cb in callbacks:
                     cb.on_evaluate(state, control, metrics)
             if control.should_save:
-                if state.best_step == state.step:
-                    state.best_checkpoint = checkpoint_name(state.step)
-                path = save_checkpoint(checkpoints, parts)
-                rotate_checkpoints(checkpoints, keep_last=KEEP_LAST_CHECKPOINTS, keep={state.best_checkpoint or ""})
-                evaluated = state.last_eval_step == state.step and state.latest_metrics
-                sink.checkpoint(state.step, path, state.latest_metrics if evaluated else {"train_loss": state.loss})
+                save_and_announce(parts, checkpoints, sink)
             if control.should_stop:
                 break
-
     for cb in callbacks:
         cb.on_train_end(state, control)
-    hyperparameters = spec.resolved_hyperparameters(len(data.train), task)
+    return finish(spec, paths, sink, job, state, evaluate, record)
+
+
+def build_job(spec: JobSpec, paths: RunPaths, sink: MetricsSink) -> Job:
+    """Seed, device and precision; the task's adapter, processor and data; the model, prepared as
+    the spec asks (core.surgery), started from `paths.init_from`'s weights if given, on the device.
+
+    Raises:
+        DataError, ModelError, EngineError: as `run`.
+    """
+    cfg = spec.config
+    device = resolve_device(cfg)
+    precision = resolve_precision(cfg, device)
+    seed_everything(spec.seed)
+    task = spec.task or infer_task(paths.train_file, cfg)
+    adapter = adapter_for(task, spec)
+    processor = adapter.load_processor(paths.model)
+    data = adapter.prepare(paths.data_files(), processor)
+    metric, greater_is_better = check_metrics(adapter, cfg)
+    model = adapter.build_model(paths.model, data, processor)
+    model, layers, frozen = prepare_model(model, cfg, task=task)
+    if paths.init_from is not None and paths.resume_from is None:
+        start_from_checkpoint(Path(paths.init_from), model, task=task, labels=data.labels)
+        sink.event(f"Starting from the weights of checkpoint {Path(paths.init_from).name}.")
+    model.to(device)
+    sink.event(_describe(spec, task, data, model, device, precision), data=_balance(data))
+    return Job(task, adapter, processor, data, model, layers, frozen, device, precision, metric, greater_is_better)
+
+
+def resume_or_test_baseline(parts: TrainingParts, resume_from: Path | None, sink: MetricsSink,
+                            evaluate: Callable[..., dict[str, Any]], test: Split | None) -> None:
+    """Before the first step: restore the checkpoint resumed from, or else measure the test set
+    with the untrained model (the baseline the exported report compares against)."""
+    state = parts.state
+    if resume_from is not None:
+        load_checkpoint(Path(resume_from), parts)
+        sink.event(f"Resumed from checkpoint at step {state.step}.")
+    elif test is not None:
+        state.baseline_test = evaluate(test)
+        sink.metrics(0, state.baseline_test, split="baseline_test")
+        sink.event("Test set before training (base model, fresh head): " + _fmt(state.baseline_test))
+
+
+def save_and_announce(parts: TrainingParts, checkpoints: Path, sink: MetricsSink) -> None:
+    """Save a checkpoint of this step, drop old ones (never the best), and tell the sink."""
+    state = parts.state
+    if state.best_step == state.step:
+        state.best_checkpoint = checkpoint_name(state.step)
+    path = save_checkpoint(checkpoints, parts)
+    rotate_checkpoints(checkpoints, keep_last=KEEP_LAST_CHECKPOINTS, keep={state.best_checkpoint or ""})
+    evaluated = state.last_eval_step == state.step and state.latest_metrics
+    sink.checkpoint(state.step, path, state.latest_metrics if evaluated else {"train_loss": state.loss})
+
+
+def finish(spec: JobSpec, paths: RunPaths, sink: MetricsSink, job: Job, state: TrainState,
+           evaluate: Callable[..., dict[str, Any]], record: dict[str, Any]) -> RunResult:
+    """After the loop: nothing more when cancelled; else the best weights back (when asked), the
+    test set measured, and the model exported and packed."""
+    data, model = job.data, job.model
+    hyperparameters = spec.resolved_hyperparameters(len(data.train), job.task)
     metrics: dict[str, Any] = {
         "latest": state.latest_metrics,
         "best": state.best_metrics,
@@ -255,9 +292,9 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
     if state.stopped_early:
         sink.event(f"Stopped early at step {state.step}: the validation metric did not improve.")
 
-    if cfg.load_best_model_at_end and state.best_checkpoint and state.best_step != state.step:
+    if spec.config.load_best_model_at_end and state.best_checkpoint and state.best_step != state.step:
         # A best saved before a resume may lie next to the checkpoint resumed from.
-        candidates = [checkpoints / state.best_checkpoint]
+        candidates = [paths.work_dir / "checkpoints" / state.best_checkpoint]
         if paths.resume_from is not None:
             candidates.append(Path(paths.resume_from).parent / state.best_checkpoint)
         best = next((c for c in candidates if c.is_dir()), None)
@@ -265,17 +302,17 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
             sink.event(f"The best checkpoint ({state.best_checkpoint}) is gone; exporting the last weights.", level="warning")
         else:
             load_model_weights(best, model)
-            sink.event(f"Loaded the best weights (step {state.best_step}, {metric}={state.best_metric:.4f}).")
+            sink.event(f"Loaded the best weights (step {state.best_step}, {job.metric}={state.best_metric:.4f}).")
     if data.test is not None:
         metrics["test"] = evaluate(data.test, report=True)
         sink.metrics(state.step, _scalars(metrics["test"]), split="test")
         sink.event("Test set after training: " + _fmt(metrics["test"]), data=metrics["test"])
 
     model_dir = export_model(
-        lambda m, out: adapter.save(m, processor, out),
+        lambda m, out: job.adapter.save(m, job.processor, out),
         model,
         paths.work_dir / "output" / "model",
-        lora=cfg.lora,
+        lora=spec.config.lora,
         spec=spec,
         hyperparameters=hyperparameters,
         record=record,
@@ -284,26 +321,6 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
     archive = pack_archive(model_dir, paths.work_dir / "output" / "model.tar")
     sink.event(f"Exported the model ({state.trained_tokens} trained tokens).")
     return RunResult(model_dir, archive, state.trained_tokens, hyperparameters, metrics, state.stopped_early, False)
-
-
-def start_from_checkpoint(path: Path, model: torch.nn.Module, *, task: Task, labels: list[str] | None) -> None:
-    """Load an earlier job's checkpoint weights into `model` (built the same way: same task,
-    labels, head and LoRA settings).
-
-    Raises:
-        EngineError: param "model", code "invalid_model": a checkpoint of another task or label
-            set, or weights that do not fit this job's model.
-    """
-    facts = read_checkpoint_facts(path)
-    for key, mine in (("task", str(task)), ("labels", labels)):
-        if key in facts and facts[key] != mine:
-            raise EngineError(f"Checkpoint {path.name} was trained with {key} {facts[key]!r}, this job has {mine!r}.",
-                              param="model", code="invalid_model")
-    try:
-        load_model_weights(path, model)
-    except (RuntimeError, KeyError) as e:
-        raise EngineError(f"Checkpoint {path.name} does not fit this job's model (use the same config.head and "
-                          f"config.lora as its job): {str(e)[:300]}", param="model", code="invalid_model") from None
 
 
 def check_metrics(adapter: TaskAdapter, cfg: TrainingConfig) -> tuple[str, bool]:
@@ -324,42 +341,10 @@ def check_metrics(adapter: TaskAdapter, cfg: TrainingConfig) -> tuple[str, bool]
     return cfg.metric_for_best_model, adapter.metrics[cfg.metric_for_best_model]
 
 
-def batch_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
-    """The random source of one training batch's augmentation: a function of its position only,
-    so that a resumed run draws exactly what an uninterrupted one would."""
-    return np.random.default_rng([seed, epoch, batch])
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # all devices
-
-
-def build_callbacks(
-    spec: JobSpec, sink: MetricsSink, should_stop, *, task_metrics: dict[str, bool], has_validation: bool
-) -> list[Callback]:
-    """The built-in callbacks for the spec: schedules, early stopping, reporting, stop requests.
-
-    Args:
-        task_metrics: the task's validation metrics and whether larger is better (adapter.metrics).
-    """
-    cfg = spec.config
-    callbacks: list[Callback] = [
-        EvaluationSchedule(cfg.eval_every_steps),
-        CheckpointSchedule(cfg.checkpoint_every_steps, keep_best=cfg.load_best_model_at_end and has_validation),
-    ]
-    stopping = cfg.early_stopping
-    if stopping is not None and not has_validation:
-        sink.event("early_stopping needs a validation file; it is off for this job.", level="warning")
-    if stopping is not None and has_validation:
-        metric = stopping.metric or cfg.metric_for_best_model
-        greater = task_metrics[metric] if stopping.mode == "auto" else stopping.mode == "max"
-        callbacks.append(
-            EarlyStopping(metric, greater_is_better=greater, patience=stopping.patience, min_delta=stopping.min_delta)
-        )
-    callbacks += [ProgressReporter(sink, every_steps=10), StopRequest(should_stop)]
-    return callbacks
 
 
 def _describe(spec: JobSpec, task: Task, data: TaskData, model: torch.nn.Module, device, precision: Precision) -> str:
@@ -378,6 +363,18 @@ def _balance(data: TaskData) -> dict[str, Any]:
         param: {"rows": s.rows, "label_counts": s.label_counts, **s.details}
         for param, s in data.summaries.items()
     }
+
+
+def _collate(adapter: TaskAdapter, split: Split, indices: list[int], seed: int, epoch: int, batch: int,
+             pad_multiple: int | None) -> dict[str, torch.Tensor]:
+    """Training batch `batch` of the epoch, augmented from its own random source (`batch_rng`)."""
+    return adapter.collate(split, indices, rng=batch_rng(seed, epoch, batch), pad_to_multiple_of=pad_multiple)
+
+
+def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> float:
+    """Backpropagate `loss` (scaled for fp16) and return its value."""
+    (scaler.scale(loss) if scaler else loss).backward()
+    return loss.item()
 
 
 def _all_params(optimizer: torch.optim.Optimizer) -> set[torch.nn.Parameter]:

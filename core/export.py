@@ -71,7 +71,7 @@ def export_model(
     Returns:
         model_dir.
     """
-    from core.surgery import export_weights
+    from core.lora import export_weights
 
     if model_dir.exists():
         shutil.rmtree(model_dir)

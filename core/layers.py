@@ -6,13 +6,22 @@ it should not be a table of architecture names. Every Hugging Face model we trai
 encoder.layer, Llama's model.layers, ViT's encoder.layer, ResNet's encoder.stages), plus a head
 outside the backbone. Parameters registered before the stack are the embeddings (ResNet's stem
 counts as such); those after it (final norm, pooler) go with the top block.
+
+The map always holds the names of the model *before* peft wrapped it; `original_name` maps a
+wrapped model's parameter name back to one of them, and `LayerMap.layer_of` places any parameter
+name, wrapped or not. Freezing, gradual unfreezing and the optimizer's param groups all place
+parameters through it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
+
+# peft's wrapper names every parameter of the wrapped model with this prefix.
+PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -25,7 +34,24 @@ class LayerMap:
 
     def groups(self) -> list[list[str]]:
         """Bottom-to-top layer groups: [embeddings, block 0, ..., block n-1, head], empty ones dropped."""
-        return [g for g in (self.embeddings, *self.blocks, self.head) if g]
+        return [names for _, names in self.named_groups()]
+
+    def named_groups(self) -> list[tuple[str, list[str]]]:
+        """(layer, names) of `groups()`, the layer "embeddings", "block0" ... "block{n-1}" or "head"."""
+        named = [("embeddings", self.embeddings), *((f"block{i}", b) for i, b in enumerate(self.blocks))]
+        named.append(("head", self.head))
+        return [(layer, names) for layer, names in named if names]
+
+    def layer_of(self, name: str) -> str:
+        """The layer ("embeddings", "block3", "head") of a parameter of the model or of peft's wrapper
+        of it (see `original_name`); a name the map does not know goes with the top block."""
+        top = f"block{len(self.blocks) - 1}" if self.blocks else "embeddings"
+        return self._layers.get(original_name(name), top)
+
+    @cached_property
+    def _layers(self) -> dict[str, str]:
+        # Through original_name too: a map built from a wrapped model has peft's names.
+        return {original_name(n): layer for layer, names in self.named_groups() for n in names}
 
 
 def layer_map(model: torch.nn.Module) -> LayerMap:
@@ -79,3 +105,28 @@ def _block_stack(backbone: torch.nn.Module) -> tuple[str, torch.nn.ModuleList | 
                 if key > best[:2]:
                     best = (size, -name.count("."), name, module)
     return best[2], best[3]
+
+
+def original_name(name: str) -> str:
+    """The parameter name, in the model before peft wrapped it, that `name` stands for.
+
+    A LoRA matrix ("...query.lora_A.default.weight") stands for the weight it adapts
+    ("...query.weight"); a wrapped base weight ("...query.base_layer.weight") and a head copy
+    ("classifier.modules_to_save.default.weight") for the original. Other names are unchanged.
+    """
+    if name.startswith(PEFT_PREFIX):
+        name = name[len(PEFT_PREFIX):]
+    kept: list[str] = []
+    parts = name.split(".")
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        if part.startswith("lora_"):
+            return ".".join([*kept, "weight"])
+        if part == "modules_to_save":
+            i += 2  # the wrapper and the adapter name ("default") after it
+            continue
+        if part not in ("base_layer", "original_module"):
+            kept.append(part)
+        i += 1
+    return ".".join(kept)

@@ -1,7 +1,8 @@
 """Loading a base model and its tokenizer, safely.
 
-Only safetensors weights are accepted and no remote code runs: a user's model folder is data,
-never something we unpickle or execute.
+Only safetensors (or GGUF) weights are accepted and no remote code runs: a user's model folder is
+data, never something we unpickle or execute. Causal LMs may also come as a GGUF file, dequantized
+into a plain trainable model. torch and transformers are imported by the functions that load.
 """
 
 from __future__ import annotations
@@ -61,12 +62,107 @@ def load_tokenizer(model: str):
         raise _load_error(model, e) from None
     except (ValueError, KeyError) as e:
         raise ModelError(f"Cannot load the tokenizer of {model!r}: {e}", param="model", code="invalid_model") from None
+    return _fast_and_padded(tokenizer, model, missing=" (tokenizer.json)")
+
+
+def _fast_and_padded(tokenizer, model: str, *, missing: str = ""):
+    """`tokenizer`, refused when it is not a fast one (offset mappings and word_ids() need it), with
+    a pad token: its own, or else eos or unk (encoders nearly always have one; the fallback is the
+    one most fine-tuning scripts use)."""
     if not getattr(tokenizer, "is_fast", False):
-        raise ModelError(f"{model!r} has no fast tokenizer (tokenizer.json).", param="model", code="invalid_model")
+        raise ModelError(f"{model!r} has no fast tokenizer{missing}.", param="model", code="invalid_model")
     if tokenizer.pad_token is None:
-        # Encoders nearly always have one; fall back the way most fine-tuning scripts do.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+# --- causal LMs: safetensors or GGUF ---------------------------------------------------------
+
+
+def gguf_source(model: str) -> tuple[Path, str] | None:
+    """(folder, file name) when `model` is a .gguf file, or a folder holding one *.gguf and no
+    *.safetensors; None for anything else (a safetensors folder or a hub id).
+
+    GGUF, like safetensors, is a plain tensor format that cannot run code when loaded.
+
+    Raises:
+        ModelError: model_not_found for a missing .gguf file; invalid_model for a folder with
+            several .gguf files and no safetensors (which one is meant is unknown).
+    """
+    path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"Model {model!r} not found.", param="model", code="model_not_found")
+        return path.parent, path.name
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return None
+    found = sorted(p.name for p in path.glob("*.gguf"))
+    if len(found) > 1:
+        raise ModelError(
+            f"The model folder {model!r} holds several GGUF files ({', '.join(found[:4])}); name one: "
+            f"model={str(path / found[0])!r}.",
+            param="model",
+            code="invalid_model",
+        )
+    return (path, found[0]) if found else None
+
+
+def load_causal_tokenizer(model: str):
+    """The fast tokenizer of a causal LM: a safetensors folder, a hub id or a GGUF file/folder.
+
+    Raises:
+        ModelError: model_not_found / invalid_model (as load_tokenizer).
+    """
+    gguf = gguf_source(model)
+    if gguf is None:
+        return load_tokenizer(model)
+    from transformers import AutoTokenizer
+
+    folder, name = gguf
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"Cannot load the tokenizer of {model!r}: {e}", param="model", code="invalid_model") from None
+    return _fast_and_padded(tokenizer, model)
+
+
+def load_causal_model(model: str):
+    """AutoModelForCausalLM in fp32 from safetensors (folder or hub id) or GGUF (dequantized).
+
+    Raises:
+        ModelError: model_not_found, or invalid_model for weights that are not a causal LM.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = gguf_source(model)
+    common = {"dtype": torch.float32, "trust_remote_code": False}
+    try:
+        if gguf is not None:
+            return _load_gguf(*gguf, **common)
+        source = check_model_source(model)
+        return AutoModelForCausalLM.from_pretrained(str(source), use_safetensors=True, **common)
+    except OSError as e:
+        code = "invalid_model" if Path(model).expanduser().exists() else "model_not_found"
+        raise ModelError(f"Cannot load {model!r}: {e}", param="model", code=code) from None
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"{model!r} cannot be loaded as a causal LM: {e}", param="model", code="invalid_model") from None
+
+
+def _load_gguf(folder: Path, name: str, **options):
+    """A GGUF file dequantized into a plain dense model: trainable (weights left in GGUF blocks are
+    not) and saved as ordinary safetensors once the quantizer is detached."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), gguf_file=name, quantization_config=GgufConfig(gguf_file=name, dequantize=True), **options
+    )
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    return model
+
+
+# --- classifiers -----------------------------------------------------------------------------
 
 
 CLASSIFIER_KINDS = {

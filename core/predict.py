@@ -80,8 +80,8 @@ def load_for_inference(model_dir: Path, task: str) -> tuple[Any, Any]:
     """
     import transformers
 
+    from core.heads import restore_head
     from core.loading import check_model_source, load_tokenizer
-    from core.surgery import restore_head
 
     if not model_dir.is_dir():
         raise ModelError(f"Model folder {str(model_dir)!r} not found.", param="model", code="model_not_found")

@@ -4,12 +4,15 @@ Task adapters tokenize examples once without padding and pad each batch only to 
 example (core.adapters). With group_by_length, batches are drawn from random "mega-batches" sorted by length (as in
 transformers' LengthGroupedSampler), so examples of similar length share a batch and padding, the
 main waste on CPU, nearly vanishes, while batch order stays random. An epoch's batches depend only
-on (seed, epoch), so a position (epoch, batch index) is enough to resume mid-epoch.
+on (seed, epoch), so a position (epoch, batch index) is enough to resume mid-epoch; `batch_rng`
+derives each batch's augmentation randomness from the same position.
 """
 
 from __future__ import annotations
 
 import random
+
+import numpy as np
 
 MEGABATCH_FACTOR = 50  # transformers' LengthGroupedSampler default
 
@@ -54,3 +57,9 @@ class BatchSampler:
     def batches_from(self, epoch: int, batch_index: int) -> list[list[int]]:
         """The batches of `epoch` still to train after `batch_index` of them (resume)."""
         return self.batches(epoch)[batch_index:]
+
+
+def batch_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
+    """The random source of one training batch's augmentation: a function of its position only,
+    so that a resumed run draws exactly what an uninterrupted one would."""
+    return np.random.default_rng([seed, epoch, batch])

@@ -13,6 +13,7 @@ so gradient accumulation computes exactly the gradient of one big batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.datasets import DatasetSummary
+from core.datasets import DatasetSummary, ParsedFile, parse_files
 from core.device import Precision
 from core.spec import JobSpec, Task
 
@@ -47,12 +48,24 @@ class TaskData:
     labels: list[str] | None  # class/tag names in id order (the model's id2label); None when not a classifier
     summaries: dict[str, DatasetSummary] = field(default_factory=dict)  # per request field, for reports
 
+    @classmethod
+    def of(cls, parsed: dict[str, ParsedFile], encode: Callable[[str, Any], Split], *,
+           labels: list[str] | None) -> TaskData:
+        """The TaskData of parsed files (request field -> ParsedFile): each split `encode(param, rows)`."""
+        splits = {param: encode(param, file.rows) for param, file in parsed.items()}
+        return cls(splits["training_file"], splits.get("validation_file"), splits.get("test_file"), labels=labels,
+                   summaries={param: file.summary for param, file in parsed.items()})
+
 
 @dataclass(frozen=True)
 class DataFiles:
     train: Path
     validation: Path | None = None
     test: Path | None = None
+
+    def by_param(self) -> dict[str, Path | None]:
+        """Request field ("training_file", ...) -> path, as core.datasets takes them."""
+        return {"training_file": self.train, "validation_file": self.validation, "test_file": self.test}
 
 
 class TaskAdapter:
@@ -80,10 +93,20 @@ class TaskAdapter:
         raise NotImplementedError
 
     def prepare(self, files: DataFiles, processor: Any) -> TaskData:
-        """Read, check (validation/test labels against training) and encode every split.
+        """Read and check every file once (core.datasets.parse_files: validation/test labels against
+        training), then encode every split (`prepare_parsed`).
 
         Raises:
-            DataError: as the task's core.datasets reader.
+            DataError: as the task's core.datasets reader, or as `prepare_parsed`.
+        """
+        _, parsed = parse_files(self.task, files.by_param(), self.config)
+        return self.prepare_parsed(parsed, processor)
+
+    def prepare_parsed(self, parsed: dict[str, ParsedFile], processor: Any) -> TaskData:
+        """Encode every split from its checked rows (request field -> ParsedFile, training first).
+
+        Raises:
+            DataError, EngineError: what the task's encoding refuses.
         """
         raise NotImplementedError
 

@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from core import metrics as M
+from core.adapters.base import Split, TaskAdapter, TaskData, class_weights
 from core.augment_image import ImageAugmenter, is_identity, processor_pixel_range
+from core.datasets import ParsedFile
 from core.datasets import images as reader
 from core.errors import EngineError, ModelError
+from core.heads import replace_head
 from core.loading import check_model_source, load_classifier
 from core.spec import LABEL_METRICS, Task
-from core.surgery import replace_head
-from core.adapters.base import DataFiles, Split, TaskAdapter, TaskData, class_weights
 
 PROCESSOR_FILE = "preprocessor_config.json"
 DEFAULT_IMAGE_SIZE = 224  # when neither config.image_size nor the model's config says
@@ -79,41 +80,25 @@ class ImageClassification(TaskAdapter):
             resize_processor(processor, side)
         return processor
 
-    def prepare(self, files: DataFiles, processor: Any) -> TaskData:
-        """Check every file (core.datasets.images), then decode and process every image once.
+    def prepare_parsed(self, parsed: dict[str, ParsedFile], processor: Any) -> TaskData:
+        """Decode and process every checked image once (core.datasets.images read and checked them).
 
         Raises:
-            DataError: as core.datasets.images, or an image whose pixels fail to decode.
+            DataError: an image whose pixels fail to decode.
             EngineError: images the processor makes in different sizes (param config.image_size);
                 class_weights naming unknown labels.
         """
-        from core.datasets import inspect_files
-
-        _, summaries = inspect_files(
-            self.task,
-            {"training_file": files.train, "validation_file": files.validation, "test_file": files.test},
-            self.config,
-        )
-        train = summaries["training_file"]
+        train = parsed["training_file"].summary
         self.labels = list(train.labels or [])
         self.weights = class_weights(self.labels, train.label_counts, self.config.loss.class_weights)
         ids = {label: i for i, label in enumerate(self.labels)}
 
-        def load(path: Path | None, param: str) -> Split | None:
-            if path is None:
-                return None
-            rows = reader.read(path, param=param, config=self.config)
+        def encode(param: str, rows: list[reader.ImageRow]) -> Split:
             pixels = self._encode(processor, rows, param=param)
             return Split(features={"pixel_values": pixels}, targets=[ids[row.label] for row in rows],
                          lengths=[1] * len(rows))
 
-        data = TaskData(
-            train=load(files.train, "training_file"),
-            validation=load(files.validation, "validation_file"),
-            test=load(files.test, "test_file"),
-            labels=self.labels,
-            summaries=summaries,
-        )
+        data = TaskData.of(parsed, encode, labels=self.labels)
         augmentation = self.config.augmentation.image
         if not is_identity(augmentation):
             black, white = processor_pixel_range(processor)
@@ -146,7 +131,7 @@ class ImageClassification(TaskAdapter):
 
     def build_model(self, source: str, data: TaskData, processor: Any) -> torch.nn.Module:
         """AutoModelForImageClassification in fp32 with a fresh head for data.labels, then
-        config.head and config.dropout.classifier applied (core.surgery).
+        config.head and config.dropout.classifier applied (core.heads).
 
         A ViT-like model given inputs of another size than it was trained at (config.image_size)
         interpolates its position embeddings; inference with the exported model must pass

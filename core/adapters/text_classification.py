@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from core import metrics as M
+from core.adapters.base import Split, TaskAdapter, TaskData, class_weights
+from core.datasets import ParsedFile
 from core.datasets import text as reader
 from core.errors import EngineError
 from core.loading import load_classifier, load_tokenizer
 from core.spec import LABEL_METRICS, MULTI_LABEL_METRICS, REGRESSION_METRICS, ProblemType, Task
-from core.adapters.base import DataFiles, Split, TaskAdapter, TaskData, class_weights
 
 HF_PROBLEM_TYPES = {
     ProblemType.SINGLE_LABEL: "single_label_classification",
@@ -59,41 +60,25 @@ class TextClassification(TaskAdapter):
         self.vocab_size = len(tokenizer)
         return tokenizer
 
-    def prepare(self, files: DataFiles, processor: Any) -> TaskData:
-        from core.datasets import inspect_files
-
-        _, summaries = inspect_files(
-            self.task,
-            {"training_file": files.train, "validation_file": files.validation, "test_file": files.test},
-            self.config,
-        )
-        train = summaries["training_file"]
+    def prepare_parsed(self, parsed: dict[str, ParsedFile], processor: Any) -> TaskData:
+        train = parsed["training_file"].summary
         self.problem_type = reader.problem_type_of(train)
-        config = self.config.model_copy(update={"problem_type": self.problem_type})
         labels = train.labels if self.problem_type != ProblemType.REGRESSION else [REGRESSION_LABEL]
         if self.problem_type != ProblemType.REGRESSION:
             self.weights = class_weights(labels, train.label_counts, self.config.loss.class_weights)
         elif self.config.loss.class_weights is not None:
             raise EngineError("class_weights do not apply to regression.", param="config.loss.class_weights")
         else:
-            values = np.asarray(reader.read(files.train, param="training_file", config=config)[1], dtype=np.float64)
+            values = np.asarray(parsed["training_file"].rows[1], dtype=np.float64)
             self.target_mean, self.target_std = float(values.mean()), float(values.std()) or 1.0
         self.labels = labels
         ids = {label: i for i, label in enumerate(labels)}
 
-        def load(path, param: str) -> Split | None:
-            if path is None:
-                return None
-            texts, values = reader.read(path, param=param, config=config)
+        def encode(param: str, rows: tuple[list[str], list[Any]]) -> Split:
+            texts, values = rows
             return self._encode(processor, texts, [self._target(v, ids) for v in values])
 
-        return TaskData(
-            train=load(files.train, "training_file"),
-            validation=load(files.validation, "validation_file"),
-            test=load(files.test, "test_file"),
-            labels=labels,
-            summaries=summaries,
-        )
+        return TaskData.of(parsed, encode, labels=labels)
 
     def _target(self, value: Any, ids: dict[str, int]) -> Any:
         if self.problem_type == ProblemType.MULTI_LABEL:
@@ -113,7 +98,7 @@ class TextClassification(TaskAdapter):
         return Split(features=features, targets=targets, lengths=[len(ids) for ids in features["input_ids"]])
 
     def build_model(self, source: str, data: TaskData, processor: Any) -> torch.nn.Module:
-        from core.surgery import replace_head
+        from core.heads import replace_head
 
         model = load_classifier(
             source, labels=data.labels, pad_token_id=processor.pad_token_id,
@@ -192,7 +177,7 @@ class TextClassification(TaskAdapter):
         """Save; a regression head is first rescaled to output the label's units (y = std x z + mean)."""
         if self.problem_type != ProblemType.REGRESSION:
             return super().save(model, processor, out_dir)
-        from core.surgery import final_head_linear
+        from core.heads import final_head_linear
 
         _, _, linear = final_head_linear(model)
         weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.adapters.base import Split, TaskAdapter, TaskData, class_weights
+from core.datasets import ParsedFile
 from core.datasets import tokens as reader
+from core.heads import replace_head
 from core.loading import load_classifier, load_tokenizer
 from core.spec import TOKEN_METRICS, Task
-from core.surgery import replace_head
-from core.adapters.base import DataFiles, Split, TaskAdapter, TaskData, class_weights
 
 IGNORE = -100  # the label of tokens that are not the first sub-token of a word (torch's ignore_index)
 
@@ -67,22 +68,13 @@ class TokenClassification(TaskAdapter):
         prefix_space_for_words(tokenizer)
         return tokenizer
 
-    def prepare(self, files: DataFiles, processor: Any) -> TaskData:
-        """Read and check every split, then tokenize it with first-sub-token labels.
+    def prepare_parsed(self, parsed: dict[str, ParsedFile], processor: Any) -> TaskData:
+        """Tokenize every checked split with first-sub-token labels.
 
         Raises:
-            DataError: as core.datasets.tokens; unknown validation/test tags; < 2 training tags.
             EngineError: config.loss.class_weights naming a tag the training file lacks.
         """
-        from core.datasets import inspect_files
-
-        _, summaries = inspect_files(
-            self.task,
-            {"training_file": files.train, "validation_file": files.validation, "test_file": files.test},
-            self.config,
-        )
-        train = summaries["training_file"]
-        reader.check_trainable(train)
+        train = parsed["training_file"].summary
         self.labels = list(train.labels or [])
         self.scheme = train.details["scheme"]
         # "balanced" weighs each tag by its word count: the loss's units are words, not sentences.
@@ -90,19 +82,10 @@ class TokenClassification(TaskAdapter):
         self.tokenizer = processor
         ids = {tag: i for i, tag in enumerate(self.labels)}
 
-        def load(path, param: str) -> TokenSplit | None:
-            if path is None:
-                return None
-            sentences = reader.read(path, param=param, config=self.config)
+        def encode(param: str, sentences: list[reader.TaggedSentence]) -> TokenSplit:
             return self._encode([s.words for s in sentences], [[ids[t] for t in s.tags] for s in sentences])
 
-        data = TaskData(
-            train=load(files.train, "training_file"),
-            validation=load(files.validation, "validation_file"),
-            test=load(files.test, "test_file"),
-            labels=self.labels,
-            summaries=summaries,
-        )
+        data = TaskData.of(parsed, encode, labels=self.labels)
         # Sorted, so that the same rng draws the same words whatever the hash seed.
         self.vocabulary = sorted({word for sentence in data.train.words for word in sentence})
         return data

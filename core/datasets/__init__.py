@@ -1,15 +1,18 @@
 """Reading and checking datasets per task, without torch.
 
 The Celery validation step and the API import this package, so nothing under it may import torch
-or transformers. Each task's reader module has the same three functions:
+or transformers. Each task's reader module has the same functions:
 
     inspect(path, *, param, config) -> DatasetSummary    one full pass, every row checked
+    parse(path, *, param, config) -> ParsedFile          the same pass, keeping the checked rows
+    read(path, *, param, config) -> rows                 parse(...).rows
     check_split(train, other, *, param) -> None           validation/test against the training file
-    read(path, *, param, config) -> list[...]             the rows, as the task's torch side wants them
 
 and may have `check_trainable(train)` (raises when nothing can be learned from the training file).
+They raise core.errors.DataError naming the request field (param) and the line or row.
 
-and raises core.errors.DataError naming the request field (param) and the line or row.
+`inspect_files` checks a job's files (the validation step: summaries only); `parse_files` does the
+same checks and keeps the rows, so that a training run reads each file once.
 """
 
 from __future__ import annotations
@@ -33,8 +36,16 @@ class DatasetSummary:
     details: dict[str, Any] = field(default_factory=dict)  # task-specific facts (problem_type, row formats, ...)
 
 
+@dataclass
+class ParsedFile:
+    """One dataset file read in full: its checked rows, as the task's reader gives them, and its summary."""
+
+    rows: Any  # text: (texts, labels); tokens: [TaggedSentence]; chat: [Conversation]; images: [ImageRow]
+    summary: DatasetSummary
+
+
 def reader(task: Task):
-    """The reader module of a task (inspect/check_split/read)."""
+    """The reader module of a task (inspect/parse/read/check_split)."""
     from core.datasets import chat, images, text, tokens
 
     return {
@@ -88,19 +99,44 @@ def inspect_files(task: Task | None, files: dict[str, Path | None], config: Trai
         DataError: a bad file, labels of validation/test unknown to the training file, or a
             training file nothing can be learned from.
     """
+    task, parsed = _check_files(task, files, config, keep_rows=False)
+    return task, {param: file.summary for param, file in parsed.items()}
+
+
+def parse_files(task: Task | None, files: dict[str, Path | None], config: TrainingConfig) -> tuple[Task, dict[str, ParsedFile]]:
+    """As `inspect_files`, keeping every file's rows: each file is read once, checks and rows together.
+
+    Returns:
+        (the task, a ParsedFile per request field given, in FILE_PARAMS order).
+
+    Raises:
+        DataError: as `inspect_files`.
+    """
+    return _check_files(task, files, config, keep_rows=True)
+
+
+def _check_files(task: Task | None, files: dict[str, Path | None], config: TrainingConfig, *,
+                 keep_rows: bool) -> tuple[Task, dict[str, ParsedFile]]:
     train_path = files["training_file"]
     assert train_path is not None
     task = task or infer_task(train_path, config)
     module = reader(task)
-    summaries = {"training_file": module.inspect(train_path, param="training_file", config=config)}
+
+    def check(path: Path, param: str, config: TrainingConfig) -> ParsedFile:
+        if keep_rows:
+            return module.parse(path, param=param, config=config)
+        return ParsedFile(rows=None, summary=module.inspect(path, param=param, config=config))
+
+    parsed = {"training_file": check(train_path, "training_file", config)}
+    train = parsed["training_file"].summary
     if hasattr(module, "check_trainable"):
-        module.check_trainable(summaries["training_file"])
-    resolved = summaries["training_file"].details.get("problem_type")
+        module.check_trainable(train)
+    resolved = train.details.get("problem_type")
     if resolved is not None:  # read validation/test labels the way the training file's were read
         config = config.model_copy(update={"problem_type": resolved})
     for param in FILE_PARAMS[1:]:
         path = files.get(param)
         if path is not None:
-            summaries[param] = module.inspect(path, param=param, config=config)
-            module.check_split(summaries["training_file"], summaries[param], param=param)
-    return task, summaries
+            parsed[param] = check(path, param, config)
+            module.check_split(train, parsed[param].summary, param=param)
+    return task, parsed

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from core import formats
-from core.datasets import DatasetSummary
+from core.datasets import DatasetSummary, ParsedFile
 from core.errors import DataError
 from core.spec import Task, TrainingConfig
 
@@ -95,6 +95,16 @@ def check_split(train: DatasetSummary, other: DatasetSummary, *, param: str) -> 
     """
 
 
+def parse(path: Path, *, param: str, config: TrainingConfig) -> ParsedFile:
+    """One pass over the file: its rows as Conversations (see `read`) and their summary (see `inspect`).
+
+    Raises:
+        DataError: as `read`.
+    """
+    conversations = list(_conversations(path, param=param, config=config))
+    return ParsedFile(rows=conversations, summary=summarize(conversations))
+
+
 def read(path: Path, *, param: str, config: TrainingConfig) -> list[Conversation]:
     """Every row of the file as a Conversation, checked as in `inspect`.
 
@@ -103,7 +113,7 @@ def read(path: Path, *, param: str, config: TrainingConfig) -> list[Conversation
             empty or non-string content, no assistant message, a conversation that does not end
             with the assistant, or a weight other than 0/1 (naming the line).
     """
-    return list(_conversations(path, param=param, config=config))
+    return parse(path, param=param, config=config).rows
 
 
 # ---------------------------------------------------------------------------------------------

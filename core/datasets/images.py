@@ -5,10 +5,10 @@ single top folder (`pets/cat/001.png`); `__MACOSX/` and dotfiles are skipped. A 
 config.image_column with the encoded image (raw bytes, or the Hugging Face datasets struct
 {"bytes", "path"}) and config.label_column with the label.
 
-The zip is user input, so it is judged from its index before a byte is decompressed (member count,
-total and per-member size, compression ratio, names that could escape a folder, links, encryption)
-and never extracted to disk: members are read into memory one at a time, each no larger than the
-index promised. Every image must open with Pillow, restricted to a few plain formats (no
+The zip is user input, so it is judged from its index before a byte is decompressed (core.archives'
+checks, shared with model archives: member count, total size, compression ratio, names that could
+escape a folder, links, encryption; the size of one image is checked here) and never extracted to
+disk: members are read into memory one at a time, each no larger than the index promised. Every image must open with Pillow, restricted to a few plain formats (no
 Ghostscript-backed EPS and the like), stay under MAX_IMAGE_PIXELS (decompression bombs), and pass
 `Image.verify`; errors name the member (or Parquet row). This module imports no torch.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import lzma
 import math
-import stat
 import warnings
 import zipfile
 import zlib
@@ -26,11 +25,11 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from core import formats
-from core.datasets import DatasetSummary
+from core import archives, formats
+from core.datasets import DatasetSummary, ParsedFile
 from core.errors import DataError
 from core.spec import Task, TrainingConfig
 
@@ -38,12 +37,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # The only Pillow decoders that touch user bytes (JPEG covers cameras' multi-picture MPO files too).
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 
-# Caps on a zip, checked from its index before anything is read (module constants so tests can lower them).
+# Caps on a zip, checked from its index before anything is read (module constants so tests can lower
+# them); the compression ratio's is core.archives'.
 MAX_MEMBERS = 1_000_000
 MAX_TOTAL_BYTES = 32 * 1024**3  # uncompressed, all members together
 MAX_MEMBER_BYTES = 256 * 1024**2  # one image
-MAX_RATIO = 100  # uncompressed / compressed for one member; encoded images barely compress
-RATIO_MIN_BYTES = 1024 * 1024  # below this a high ratio is harmless (a flat PNG, a BMP)
 MAX_IMAGE_PIXELS = 50_000_000  # width x height of one image (e.g. 8000 x 6250)
 
 PARQUET_BATCH_ROWS = 256
@@ -77,13 +75,28 @@ def inspect(path: Path, *, param: str, config: TrainingConfig) -> DatasetSummary
     return _summarize(path, _format(path, param=param), param=param, config=config)
 
 
-def _summarize(path: Path, fmt: str, *, param: str, config: TrainingConfig) -> DatasetSummary:
+def parse(path: Path, *, param: str, config: TrainingConfig) -> ParsedFile:
+    """One pass over the file: its rows (see `read`) and their summary (see `inspect`).
+
+    Raises:
+        DataError: as `inspect`.
+    """
+    rows: list[ImageRow] = []
+    summary = _summarize(path, _format(path, param=param), param=param, config=config, keep=rows)
+    return ParsedFile(rows=rows, summary=summary)
+
+
+def _summarize(path: Path, fmt: str, *, param: str, config: TrainingConfig,
+               keep: list[ImageRow] | None = None) -> DatasetSummary:
+    """Every image checked and counted; appended to `keep` when given (else only the summary stays)."""
     counts: Counter[str] = Counter()
     sizes: list[tuple[int, int]] = []
     details: dict[str, Any] = {"format": fmt}
     for row in _rows(path, fmt, param=param, config=config, details=details):
         sizes.append(check_image(row.data, where=row.where, param=param))
         counts[row.label] += 1
+        if keep is not None:
+            keep.append(row)
     if not sizes:
         raise DataError(f"{path.name} has no images.", param=param)
     smallest = min(sizes, key=lambda s: s[0] * s[1])
@@ -125,10 +138,7 @@ def read(path: Path, *, param: str, config: TrainingConfig) -> list[ImageRow]:
     Raises:
         DataError: as `inspect`.
     """
-    rows = list(_rows(path, _format(path, param=param), param=param, config=config))
-    for row in rows:
-        check_image(row.data, where=row.where, param=param)
-    return rows
+    return parse(path, param=param, config=config).rows
 
 
 def check_zip(path: Path, *, param: str = "file") -> dict[str, Any]:
@@ -223,51 +233,25 @@ def _zip_rows(path: Path, *, param: str, details: dict[str, Any]) -> Iterator[Im
 
 def _zip_images(infos: list[zipfile.ZipInfo], *, param: str) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
     """The image members with their checked path parts; raises on anything unsafe or unexpected."""
-    if len(infos) > MAX_MEMBERS:
-        raise DataError(f"The zip has {len(infos)} members; at most {MAX_MEMBERS} are allowed.", param=param)
-    total = sum(info.file_size for info in infos)
-    if total > MAX_TOTAL_BYTES:
-        raise DataError(f"The zip expands to {total} bytes; at most {MAX_TOTAL_BYTES} are allowed.", param=param)
+    archives.check_size(len(infos), sum(info.file_size for info in infos), max_members=MAX_MEMBERS,
+                        max_bytes=MAX_TOTAL_BYTES, param=param, code=None)
     images: list[tuple[zipfile.ZipInfo, tuple[str, ...]]] = []
-    seen: set[tuple[str, ...]] = set()
     for info in infos:
         name = info.filename
-        parts = _safe_parts(name, param=param)
+        parts = archives.safe_parts(name, param=param, code=None)
         if parts[0] == "__MACOSX" or any(part.startswith(".") for part in parts) or name.endswith("/"):
             continue
-        mode = info.external_attr >> 16
-        if stat.S_ISLNK(mode) or (stat.S_IFMT(mode) and not stat.S_ISREG(mode)):
-            raise DataError(f"{name}: not a regular file (links are not allowed).", param=param)
-        if info.flag_bits & 0x1:
-            raise DataError(f"{name}: encrypted members are not supported.", param=param)
+        archives.check_zip_member(info, param=param, code=None)
         if info.file_size > MAX_MEMBER_BYTES:
             raise DataError(f"{name}: {info.file_size} bytes; at most {MAX_MEMBER_BYTES} per image.", param=param)
-        if info.file_size >= RATIO_MIN_BYTES and info.file_size > MAX_RATIO * max(info.compress_size, 1):
-            raise DataError(f"{name}: expands more than {MAX_RATIO}x (zip bomb?).", param=param)
         if not parts[-1].lower().endswith(IMAGE_SUFFIXES):
             raise DataError(
                 f"{name}: not an image file; a zip dataset holds only {', '.join(IMAGE_SUFFIXES)} files "
                 "in one folder per label.", param=param,
             )
-        if parts in seen:
-            raise DataError(f"{name}: appears twice in the zip.", param=param)
-        seen.add(parts)
         images.append((info, parts))
+    archives.check_unique(((info.filename, parts) for info, parts in images), param=param, code=None)
     return images
-
-
-def _safe_parts(name: str, *, param: str) -> tuple[str, ...]:
-    """The components of a member name, refusing names that could point outside a folder."""
-    if "\x00" in name or "\\" in name:
-        raise DataError(f"{name!r}: a NUL or backslash in a member name is not allowed.", param=param)
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        raise DataError(f"{name}: absolute paths are not allowed in the zip.", param=param)
-    parts = tuple(p for p in PurePosixPath(name).parts if p not in ("", "."))
-    if ".." in parts:
-        raise DataError(f"{name}: '..' is not allowed in a member path.", param=param)
-    if not parts:
-        raise DataError(f"{name!r}: an empty member name.", param=param)
-    return parts
 
 
 def _layout_depth(images: list[tuple[zipfile.ZipInfo, tuple[str, ...]]], *, param: str) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core import formats
-from core.datasets import DatasetSummary
+from core.datasets import DatasetSummary, ParsedFile
 from core.errors import DataError
 from core.spec import ProblemType, Task, TrainingConfig
 
@@ -37,11 +37,32 @@ def inspect(path: Path, *, param: str, config: TrainingConfig) -> DatasetSummary
     Raises:
         DataError: a missing column, an empty text, a missing or malformed label (naming the line).
     """
-    raw = [value for _, _, value in _rows(path, param=param, config=config)]
+    # The texts are not kept: the summary needs the labels only.
+    raw = [(where, value) for where, _, value in _rows(path, param=param, config=config)]
+    return _summary(*_labels(path, raw, param=param, config=config))
+
+
+def parse(path: Path, *, param: str, config: TrainingConfig) -> ParsedFile:
+    """One pass over the file: rows (texts, labels) as `read` gives them, and `inspect`'s summary.
+
+    Raises:
+        DataError: as `inspect`.
+    """
+    rows = list(_rows(path, param=param, config=config))
+    kind, values = _labels(path, [(where, value) for where, _, value in rows], param=param, config=config)
+    return ParsedFile(rows=([text for _, text, _ in rows], values), summary=_summary(kind, values))
+
+
+def _labels(path: Path, raw: list[tuple[str, Any]], *, param: str, config: TrainingConfig) -> tuple[ProblemType, list[Any]]:
+    """The kind of label (config.problem_type, or detected from all rows when "auto") and every
+    (where, raw label) parsed as that kind."""
     if not raw:
         raise DataError(f"{path.name} has no data rows.", param=param)
-    kind = _problem_type(config, raw)
-    values = [_parse(value, where, kind, config=config, param=param) for where, _, value in _rows(path, param=param, config=config)]
+    kind = _problem_type(config, [value for _, value in raw])
+    return kind, [_parse(value, where, kind, config=config, param=param) for where, value in raw]
+
+
+def _summary(kind: ProblemType, values: list[Any]) -> DatasetSummary:
     details: dict[str, Any] = {"problem_type": kind.value}
     if kind == ProblemType.REGRESSION:
         details |= {"min": min(values), "max": max(values), "mean": sum(values) / len(values)}
@@ -94,18 +115,13 @@ def check_split(train: DatasetSummary, other: DatasetSummary, *, param: str) -> 
 
 
 def read(path: Path, *, param: str, config: TrainingConfig) -> tuple[list[str], list[Any]]:
-    """All (text, label) pairs, labels parsed as config.problem_type (not "auto"): str, list[str] or float.
+    """All (text, label) pairs, labels parsed as config.problem_type (detected when "auto"): str,
+    list[str] or float.
 
     Raises:
         DataError: as `inspect`.
     """
-    kind = ProblemType(config.problem_type)
-    texts: list[str] = []
-    labels: list[Any] = []
-    for where, text, value in _rows(path, param=param, config=config):
-        texts.append(text)
-        labels.append(_parse(value, where, kind, config=config, param=param))
-    return texts, labels
+    return parse(path, param=param, config=config).rows
 
 
 def problem_type_of(summary: DatasetSummary) -> ProblemType:

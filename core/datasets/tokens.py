@@ -12,13 +12,13 @@ details["scheme"] and the metrics read entities the conlleval way, which covers 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core import formats
-from core.datasets import DatasetSummary
+from core.datasets import DatasetSummary, ParsedFile
 from core.errors import DataError
 from core.spec import Task, TrainingConfig
 
@@ -51,12 +51,17 @@ def inspect(path: Path, *, param: str, config: TrainingConfig) -> DatasetSummary
         DataError: a CSV file, a missing key, words/tags that are not lists of strings, an empty
             row, or a row with a different number of words and tags (naming the line or row).
     """
+    return summarize(_sentences(path, param=param, config=config))
+
+
+def summarize(sentences: Iterable[TaggedSentence]) -> DatasetSummary:
+    """The summary of checked rows (see `inspect`)."""
     tag_counts: Counter[str] = Counter()
     entity_counts: Counter[str] = Counter()
     prefixes: set[str] = set()
     opens_with_inside = False
     rows = words = max_words = 0
-    for sentence in _sentences(path, param=param, config=config):
+    for sentence in sentences:
         rows += 1
         words += len(sentence.words)
         max_words = max(max_words, len(sentence.words))
@@ -69,8 +74,6 @@ def inspect(path: Path, *, param: str, config: TrainingConfig) -> DatasetSummary
                 entity_counts[kind] += 1
                 opens_with_inside |= prefix == "I"
             previous = tag
-    if rows == 0:
-        raise DataError(f"{path.name} has no data rows.", param=param)
     labels = sort_tags(tag_counts)
     details: dict[str, Any] = {
         "scheme": _scheme(prefixes, opens_with_inside),
@@ -110,13 +113,23 @@ def check_split(train: DatasetSummary, other: DatasetSummary, *, param: str) -> 
     formats.check_labels(train, other, param=param)
 
 
+def parse(path: Path, *, param: str, config: TrainingConfig) -> ParsedFile:
+    """One pass over the file: its rows (see `read`) and their summary (see `inspect`).
+
+    Raises:
+        DataError: as `inspect`.
+    """
+    sentences = list(_sentences(path, param=param, config=config))
+    return ParsedFile(rows=sentences, summary=summarize(sentences))
+
+
 def read(path: Path, *, param: str, config: TrainingConfig) -> list[TaggedSentence]:
     """All rows, checked as in `inspect`.
 
     Raises:
         DataError: as `inspect`.
     """
-    return list(_sentences(path, param=param, config=config))
+    return parse(path, param=param, config=config).rows
 
 
 def split_tag(tag: str) -> tuple[str, str | None]:
@@ -172,6 +185,7 @@ def _sentences(path: Path, *, param: str, config: TrainingConfig) -> Iterator[Ta
             code="invalid_file_format",
         )
     tokens_column, tags_column = config.tokens_column, config.tags_column
+    rows = 0
     for where, record in formats.located_records(path, fmt, param=param, required=(tokens_column, tags_column)):
         words = _strings(record[tokens_column], where=where, column=tokens_column, what="word", param=param)
         tags = [t.strip() for t in _strings(record[tags_column], where=where, column=tags_column, what="tag", param=param)]
@@ -182,7 +196,10 @@ def _sentences(path: Path, *, param: str, config: TrainingConfig) -> Iterator[Ta
                 f"{where}: {len(words)} words but {len(tags)} tags; {tags_column!r} needs one tag per word.",
                 param=param,
             )
+        rows += 1
         yield TaggedSentence(words=words, tags=tags)
+    if rows == 0:
+        raise DataError(f"{path.name} has no data rows.", param=param)
 
 
 def _strings(value: Any, *, where: str, column: str, what: str, param: str) -> list[str]:

@@ -16,14 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.adapters import DataFiles, adapter_for
+from core.adapters.causal_data import IGNORE, encode, pack
+from core.adapters.causal_lm import CausalLM
 from core.callbacks import Callback
 from core.datasets import chat, infer_task
 from core.engine import RunPaths, run
 from core.errors import DataError, ModelError
+from core.loading import gguf_source
 from core.sink import ListSink
 from core.spec import CAUSAL_LM_METRICS, JobSpec, Task, TrainingConfig
-from core.adapters import DataFiles, adapter_for
-from core.adapters.causal_lm import IGNORE, CausalLM, encode, gguf_source, pack
 from tests.tiny_causal import (
     CHATML_GENERATION_TEMPLATE,
     build_tokenizer,

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from core.adapters.text_classification import TextClassification
 from core.callbacks import Callback
+from core.datasets import text
 from core.engine import RunPaths, run
 from core.errors import DataError, ModelError
-from core.datasets import text
 from core.sink import ListSink
 from core.spec import JobSpec, TrainingConfig
-from core.adapters.text_classification import TextClassification
 from tests.tiny_models import write_text_dataset
 
 FAST = {"n_epochs": 6, "learning_rate_multiplier": 40}  # a tiny random BERT needs a large LR
@@ -180,3 +180,31 @@ def test_unknown_validation_label_is_rejected(tiny_bert_dir, sentiment_files, tm
     with pytest.raises(DataError) as e:
         run(make_spec(), paths(tiny_bert_dir, files, tmp_path), ListSink())
     assert (e.value.code, e.value.param) == ("unknown_label", "validation_file")
+
+
+@pytest.mark.parametrize("task", ["text-classification", None])
+def test_a_run_parses_each_dataset_file_once(tiny_bert_dir, sentiment_files, tmp_path, monkeypatch, task):
+    """Checks, labels, training, baseline and test evaluation all use the rows of one pass per file
+    (train CSV, validation JSONL, test Parquet); inferring the task reads the training file's first row."""
+    from collections import Counter
+
+    from core import formats
+
+    opened, read_through = Counter(), Counter()
+    records = formats.records
+
+    def counting(path, fmt, *, param):
+        opened[Path(path).name] += 1
+        yield from records(path, fmt, param=param)
+        read_through[Path(path).name] += 1
+
+    monkeypatch.setattr(formats, "records", counting)
+    spec = JobSpec(model="tiny", training_file="train", task=task, hyperparameters={"n_epochs": 1},
+                   config={"eval_every_steps": 5})
+    sink = ListSink()
+    result = run(spec, paths(tiny_bert_dir, sentiment_files, tmp_path, test=True), sink)
+    names = [sentiment_files[split].name for split in ("train", "validation", "test")]
+    assert result.metrics["test"] is not None and result.metrics["baseline_test"] is not None
+    assert sink.series("valid", "loss")  # validation ran, from the same rows
+    assert read_through == Counter(names)
+    assert opened == Counter(names) + (Counter() if task else Counter([names[0]]))

@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.adapters.base import DataFiles
+from core.adapters.image_classification import ImageClassification
 from core.datasets import images as reader
 from core.datasets import inspect_files
 from core.engine import RunPaths, run
@@ -20,8 +22,6 @@ from core.errors import DataError, EngineError, ModelError
 from core.formats import check_file, dataset_format
 from core.sink import ListSink
 from core.spec import ImageAugmentationConfig, JobSpec, Task, TrainingConfig
-from core.adapters.base import DataFiles
-from core.adapters.image_classification import ImageClassification
 from tests.tiny_vision import (
     digits,
     digits_files,
@@ -255,6 +255,26 @@ def test_inputs_are_the_processors_output(resnet_dir, sample_zip, sample):
     assert batch["pixel_values"].shape == (60, 3, 24, 24) and torch.equal(batch["pixel_values"], expected)
     assert batch["labels"].tolist() == sample[1] and data.labels == [str(d) for d in range(10)]
     assert data.train.lengths == [1] * 60
+
+
+def test_prepare_reads_each_zip_member_once(resnet_dir, sample, sample_zip, tmp_path, monkeypatch):
+    """The checks (inspect's), the labels and the pixels all come from one read of every member."""
+    from collections import Counter
+
+    images, labels = sample
+    files = {"train": sample_zip, "validation": write_image_zip(tmp_path / "validation.zip", images[:20], labels[:20]),
+             "test": write_image_zip(tmp_path / "test.zip", images[20:40], labels[20:40])}
+    reads = Counter()
+    read_member = reader._read_member
+
+    def counting(archive, info, *, param):
+        reads[(Path(archive.filename).name, info.filename)] += 1
+        return read_member(archive, info, param=param)
+
+    monkeypatch.setattr(reader, "_read_member", counting)
+    _, _, data = prepared(resnet_dir, files, image_size=16)
+    assert (len(data.train), len(data.validation), len(data.test)) == (60, 20, 20)
+    assert len(reads) == 100 and set(reads.values()) == {1}
 
 
 def test_a_saved_processor_is_used_and_resized(resnet_dir, sample_zip, tmp_path):

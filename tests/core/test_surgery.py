@@ -1,4 +1,5 @@
-"""Model surgery: dropout overrides, heads, freezing, gradual unfreezing, LoRA, checkpointing."""
+"""Model surgery: dropout overrides, heads, freezing, gradual unfreezing, LoRA, checkpointing
+(core.dropout, core.heads, core.freezing, core.lora and their composition, core.surgery)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from core.callbacks import Control, TrainState
+from core.dropout import apply_dropout
 from core.errors import EngineError
-from core.layers import layer_map
+from core.freezing import GradualUnfreezing, apply_freezing
+from core.heads import ClassifierHead, replace_head, restore_head
+from core.layers import layer_map, original_name
+from core.lora import apply_lora, export_weights
 from core.spec import (
     DropoutConfig,
     FreezeConfig,
@@ -21,19 +26,7 @@ from core.spec import (
     Task,
     TrainingConfig,
 )
-from core.surgery import (
-    ClassifierHead,
-    GradualUnfreezing,
-    apply_dropout,
-    apply_freezing,
-    apply_lora,
-    enable_gradient_checkpointing,
-    export_weights,
-    original_name,
-    prepare_model,
-    replace_head,
-    restore_head,
-)
+from core.surgery import enable_gradient_checkpointing, prepare_model
 from tests.tiny_surgery_models import tiny_bert_classifier, tiny_bert_tagger, tiny_llama, tiny_resnet, token_batch
 
 
@@ -239,7 +232,9 @@ def test_frozen_parameters_stay_bit_identical_under_adamw_weight_decay(kind, con
 
 
 @pytest.mark.parametrize("config, param", [
-    (FreezeConfig(patterns=["attention.(query"]), "config.freeze.patterns"),
+    # The spec refuses a regex that does not compile; apply_freezing still names the field for one
+    # that got past it (a config built without validation).
+    (FreezeConfig.model_construct(patterns=["attention.(query"]), "config.freeze.patterns"),
     (FreezeConfig(patterns=["encoder", "no_such_parameter"]), "config.freeze.patterns"),
     (FreezeConfig(first_n_layers=3), "config.freeze.first_n_layers"),
     (FreezeConfig(patterns=["."]), "config.freeze"),
