@@ -1,86 +1,20 @@
-"""The whole description of a fine-tuning job, as one typed, versioned object.
-
-The API validates a request into a `JobSpec` and stores `spec.model_dump(mode="json")`; the worker
-re-validates it with `JobSpec.model_validate`. Every knob is a field with a default, bounds and a
-description, so the OpenAPI schema documents the toolbox for free. This module imports no torch.
-
-The toolbox reads in the order a practitioner thinks about a run: what the data is (columns,
-lengths, packing), what is done to the network before training (`head`, `dropout`, `freeze`,
-`lora`), how it is optimised (`optimizer`, `scheduler`, `loss`, clipping, precision), what varies
-in the inputs (`augmentation`), and how the run is watched (evaluation, checkpoints, early stopping).
-
-The validators here judge values alone (a regex that does not compile, an mlp head without hidden
-sizes), so that any stored spec re-validates. Whether a field the request set can take effect for
-its job (its task, data, model and other fields) is core.applicability's question: it reads
-`model_fields_set`, which a plain `model_dump()` would lose — store `model_dump(exclude_unset=True)`.
-"""
+"""The training toolbox: Lathe's `config` extension of the job object (`TrainingConfig`) and its
+parts, in the order a practitioner thinks about a run: what the data is (columns, lengths, packing),
+what is done to the network before training (`head`, `dropout`, `freeze`, `lora`), how it is
+optimised (`optimizer`, `scheduler`, `loss`, clipping, precision), what varies in the inputs
+(`augmentation`), and how the run is watched (evaluation, checkpoints, early stopping)."""
 
 from __future__ import annotations
 
 import re
-from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-SPEC_VERSION = 1
-
-AUTO = "auto"
+from core.spec.base import AUTO, ProblemType, Strict, known_metric
 
 
-class Task(StrEnum):
-    TEXT_CLASSIFICATION = "text-classification"
-    TOKEN_CLASSIFICATION = "token-classification"
-    CAUSAL_LM = "causal-lm"
-    IMAGE_CLASSIFICATION = "image-classification"
-
-
-class ProblemType(StrEnum):
-    """What a text-classification label is."""
-
-    SINGLE_LABEL = "single_label"  # one class per example: softmax + cross-entropy
-    MULTI_LABEL = "multi_label"  # any number of classes per example: sigmoid + BCE
-    REGRESSION = "regression"  # a number per example: MSE
-
-
-# Validation metrics of each task (and text-classification problem type), and whether larger is better.
-LABEL_METRICS: dict[str, bool] = {
-    "loss": False, "accuracy": True, "f1_macro": True, "f1_micro": True, "f1_weighted": True,
-    "precision_macro": True, "recall_macro": True,
-}
-MULTI_LABEL_METRICS: dict[str, bool] = {
-    "loss": False, "f1_micro": True, "f1_macro": True, "exact_match": True, "hamming_loss": False,
-}
-REGRESSION_METRICS: dict[str, bool] = {"loss": False, "mse": False, "rmse": False, "mae": False, "r2": True}
-TOKEN_METRICS: dict[str, bool] = {"loss": False, "f1": True, "precision": True, "recall": True, "accuracy": True}
-CAUSAL_LM_METRICS: dict[str, bool] = {"loss": False, "perplexity": False, "token_accuracy": True}
-ALL_METRICS: dict[str, bool] = (
-    LABEL_METRICS | MULTI_LABEL_METRICS | REGRESSION_METRICS | TOKEN_METRICS | CAUSAL_LM_METRICS
-)
-
-# Kept for callers that predate the other tasks.
-CLASSIFICATION_METRICS = LABEL_METRICS
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Hyperparameters(_Strict):
-    """OpenAI's hyperparameters; "auto" picks a value from the data size."""
-
-    n_epochs: Annotated[int, Field(ge=1, le=100)] | Literal["auto"] = Field(
-        AUTO, description="Passes over the training data. auto: 3."
-    )
-    batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
-        AUTO, description="Examples per optimizer step (before accumulation). auto: 8-32 by data size."
-    )
-    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] = Field(
-        AUTO, description="Multiplies the task's base learning rate (see config.optimizer.learning_rate). auto: 1."
-    )
-
-
-class HeadConfig(_Strict):
+class HeadConfig(Strict):
     """The classification head put on top of the backbone (classification tasks)."""
 
     type: Literal["default", "linear", "mlp"] = Field(
@@ -116,7 +50,7 @@ class HeadConfig(_Strict):
         return value
 
 
-class DropoutConfig(_Strict):
+class DropoutConfig(Strict):
     """Overrides of the model's dropout probabilities (null keeps the model's value)."""
 
     hidden: float | None = Field(None, ge=0, lt=1, description="Dropout on hidden states/residual paths.")
@@ -125,7 +59,7 @@ class DropoutConfig(_Strict):
                                                                    "(classification tasks).")
 
 
-class GradualUnfreezingConfig(_Strict):
+class GradualUnfreezingConfig(Strict):
     """ULMFiT-style: train the head alone first, then unfreeze one layer group from the top every interval."""
 
     every_steps: Annotated[int, Field(ge=1)] | None = Field(
@@ -133,7 +67,7 @@ class GradualUnfreezingConfig(_Strict):
     )
 
 
-class FreezeConfig(_Strict):
+class FreezeConfig(Strict):
     """Parameters kept fixed (bit-identical) during training."""
 
     embeddings: bool = Field(False, description="Freeze the input embeddings (and a tied output layer).")
@@ -159,7 +93,7 @@ class FreezeConfig(_Strict):
         return patterns
 
 
-class LoraConfig(_Strict):
+class LoraConfig(Strict):
     """Low-rank adapters (peft) instead of full fine-tuning; merged into the exported weights."""
 
     r: int = Field(8, ge=1, le=1024, description="Rank of the update matrices.")
@@ -182,7 +116,7 @@ class LoraConfig(_Strict):
         return value
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(Strict):
     name: Literal["adamw", "adam", "sgd", "adafactor"] = Field(
         "adamw", description="adamw (decoupled weight decay), adam (L2 added to the gradient), sgd "
                              "(momentum, nesterov), adafactor (transformers', factored second moments)."
@@ -217,7 +151,7 @@ class OptimizerConfig(_Strict):
         return value
 
 
-class SchedulerConfig(_Strict):
+class SchedulerConfig(Strict):
     name: Literal[
         "constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "step", "exponential",
         "reduce_on_plateau",
@@ -240,7 +174,7 @@ class SchedulerConfig(_Strict):
     plateau_factor: float = Field(0.5, gt=0, lt=1, description="reduce_on_plateau: multiplicative drop.")
 
 
-class LossConfig(_Strict):
+class LossConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing: single-label "
                                                                  "text, token and image classification.")
     class_weights: Literal["balanced"] | dict[str, Annotated[float, Field(gt=0)]] | None = Field(
@@ -250,7 +184,7 @@ class LossConfig(_Strict):
     )
 
 
-class TextAugmentationConfig(_Strict):
+class TextAugmentationConfig(Strict):
     """EDA-style token edits to training examples (never validation/test); each a per-token probability."""
 
     deletion: float = Field(0.0, ge=0, le=0.5, description="Drop a token.")
@@ -260,7 +194,7 @@ class TextAugmentationConfig(_Strict):
     probability: float = Field(1.0, ge=0, le=1, description="Fraction of training examples augmented at all.")
 
 
-class ImageAugmentationConfig(_Strict):
+class ImageAugmentationConfig(Strict):
     """Random image transforms of training examples (never validation/test)."""
 
     random_resized_crop: Annotated[float, Field(gt=0, le=1)] | None = Field(
@@ -274,13 +208,13 @@ class ImageAugmentationConfig(_Strict):
     hue: float = Field(0.0, ge=0, le=0.5, description="Color jitter: hue shift range.")
 
 
-class AugmentationConfig(_Strict):
+class AugmentationConfig(Strict):
     text: TextAugmentationConfig | None = Field(None, description="text-classification and token-classification; "
                                                                   "null: none.")
     image: ImageAugmentationConfig | None = Field(None, description="image-classification; null: none.")
 
 
-class EarlyStoppingConfig(_Strict):
+class EarlyStoppingConfig(Strict):
     patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0, description="Smallest change of the metric that counts as improvement.")
     metric: str | None = Field(None, description="Validation metric watched; default metric_for_best_model.")
@@ -289,10 +223,10 @@ class EarlyStoppingConfig(_Strict):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, value: str | None) -> str | None:
-        return value if value is None else _known(value)
+        return value if value is None else known_metric(value)
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(Strict):
     """The training toolbox (Lathe's `config` extension of the job object)."""
 
     text_column: str = Field("text", min_length=1, max_length=128,
@@ -396,64 +330,4 @@ class TrainingConfig(_Strict):
     @field_validator("metric_for_best_model")
     @classmethod
     def _known_metric(cls, value: str) -> str:
-        return _known(value)
-
-
-def _known(metric: str) -> str:
-    """`metric` if some task reports it (which task's metric it must be is core.applicability's check)."""
-    if metric not in ALL_METRICS:
-        raise ValueError(f"must be one of {', '.join(sorted(ALL_METRICS))}, not {metric!r}")
-    return metric
-
-
-class JobSpec(_Strict):
-    """Everything the engine needs to know about a job, except where the bytes live."""
-
-    version: Literal[1] = SPEC_VERSION
-    task: Task | None = Field(None, description="What is trained; inferred from the data when absent.")
-    model: str = Field(..., min_length=1, max_length=512, description="The base model as the user named it.")
-    training_file: str
-    validation_file: str | None = None
-    test_file: str | None = None
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    config: TrainingConfig = Field(default_factory=TrainingConfig)
-    seed: int = Field(42, ge=0, le=2**31 - 1)
-    suffix: str | None = Field(None, max_length=64)
-
-    def n_epochs(self) -> int:
-        hp = self.hyperparameters.n_epochs
-        return 3 if hp == AUTO else int(hp)
-
-    def batch_size(self, n_train: int) -> int:
-        hp = self.hyperparameters.batch_size
-        if hp != AUTO:
-            return int(hp)
-        return 32 if n_train >= 1024 else 16 if n_train >= 128 else 8
-
-    def base_learning_rate(self, task: Task | None = None) -> float:
-        """The learning rate a multiplier of 1 means for this task (and LoRA)."""
-        task = task or self.task or Task.TEXT_CLASSIFICATION
-        if task == Task.CAUSAL_LM:
-            return 1e-4 if self.config.lora is not None else 2e-5
-        if task == Task.IMAGE_CLASSIFICATION:
-            return 1e-3
-        # LoRA's low-rank updates need a larger step: on all-MiniLM-L6-v2 / sms_spam (512 rows, 2
-        # epochs) 5e-4 and 1e-3 learn nothing, 2e-3 reaches macro-F1 0.92, 4e-3 0.96 (test_slow_toolbox_minilm).
-        return 2e-3 if self.config.lora is not None else BASE_LEARNING_RATE
-
-    def learning_rate(self, task: Task | None = None) -> float:
-        if self.config.optimizer.learning_rate is not None:
-            return self.config.optimizer.learning_rate
-        mult = self.hyperparameters.learning_rate_multiplier
-        return self.base_learning_rate(task) * (1.0 if mult == AUTO else float(mult))
-
-    def resolved_hyperparameters(self, n_train: int, task: Task | None = None) -> dict[str, float | int]:
-        """The concrete values "auto" stood for, as reported on the job object."""
-        return {
-            "n_epochs": self.n_epochs(),
-            "batch_size": self.batch_size(n_train),
-            "learning_rate_multiplier": self.learning_rate(task) / self.base_learning_rate(task),
-        }
-
-
-BASE_LEARNING_RATE = 5e-5
+        return known_metric(value)
