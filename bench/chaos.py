@@ -181,7 +181,13 @@ def training_process(pid: int, pid_file: Path) -> bool:
     job_id, attempt = attempt_of(pid_file)
     try:
         proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and proc.cmdline()[-3:] == ["worker.child", job_id, str(attempt)]
+        cmd = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    # `python -m worker.child JOB ATTEMPT SUPERVISOR_PID`: match the module and its first two arguments.
+    named = any(cmd[i:i + 3] == ["worker.child", job_id, str(attempt)] for i in range(len(cmd)))
+    try:
+        return named and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
