@@ -2,7 +2,7 @@
 
     lathe serve [--host] [--port]   the whole stack on one machine (embedded SQLite + Redis)
     lathe api [--host] [--port]     the API alone (runs migrations first)
-    lathe worker                    a Celery worker alone (+ the lease sweeper)
+    lathe worker                    a Celery worker alone: training slots, a validation pool, the lease sweeper
     lathe migrate                   upgrade the database schema
     lathe keys create --tenant T [--expires-in 30d | --expires-at ISO]   print a new API key (last line)
     lathe keys list / revoke ID / expire ID [--at ISO|now]
@@ -55,11 +55,18 @@ def api(host: Host = "127.0.0.1", port: Port = 8000,
 
 @app.command()
 def worker(
-    concurrency: Annotated[int | None, typer.Option(help="Jobs run at once (default LATHE_WORKER_CONCURRENCY).")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        help="Jobs trained at once (default LATHE_WORKER_CONCURRENCY); validation has its own "
+             "LATHE_VALIDATE_CONCURRENCY threads.")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     sweep_interval: Annotated[float, typer.Option(help="Seconds between lease sweeps; 0 disables.")] = 15.0,
 ) -> None:
-    """Run a Celery worker that claims jobs and supervises training processes."""
+    """Run a Celery worker that validates jobs' files, claims jobs and supervises training processes.
+
+    One process, two pools: Celery's threads (--concurrency) take `lathe.run_job` from LATHE_QUEUE,
+    and the validation pool (worker.celery_app.ValidationPool, LATHE_VALIDATE_CONCURRENCY threads)
+    takes `lathe.validate_job` from `<LATHE_QUEUE>.validate`, so a busy training slot never holds a
+    file check up; both start and end with the process."""
     from worker.celery_app import app as celery_app
     from worker.sweeper import run_sweeper
 

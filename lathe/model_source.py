@@ -2,11 +2,21 @@
 
 One resolution for the API (at create) and the worker (before it starts the training child, so a
 model that went away fails the job at once with a clear error instead of a crashed child). Torch-free.
+
+A hub id is only accepted when the hub can deliver it: it is in the local Hugging Face cache, or the
+hub answers a short probe (LATHE_HUB_PROBE_SECONDS; the answer kept LATHE_HUB_PROBE_CACHE_SECONDS
+per process). Otherwise the request fails in about a second with model_not_found, rather than a
+training child spending a minute in download retries before it fails the job.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import threading
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -50,7 +60,8 @@ def resolve_model(session: Session, settings: Settings, *, tenant_id: str, name:
         NotFound: code "model_not_found" (param "model") when nothing matches or its files are gone
             (a job keeps its last checkpoints and its best one).
         BadRequest: a file that is not purpose=model; code "model_not_allowed" for a hub id outside
-            LATHE_HUB_MODEL_ALLOWLIST.
+            LATHE_HUB_MODEL_ALLOWLIST; code "model_not_found" for a hub id the hub cannot deliver
+            (see `check_hub`).
     """
     if "\x00" in name:  # no path, id or hub name has one (and PostgreSQL refuses it in a query)
         raise BadRequest("model: a NUL character is not allowed.", param="model", code="invalid_value")
@@ -91,11 +102,115 @@ def resolve_model(session: Session, settings: Settings, *, tenant_id: str, name:
         if not settings.hub_model_allowed(name):
             raise BadRequest(f"Hub model {name!r} is not in this server's allow-list (LATHE_HUB_MODEL_ALLOWLIST).",
                              param="model", code="model_not_allowed")
+        check_hub(settings, name)
         return ModelSource("hub", name)
     where = f" in the models directory ({settings.models_dir})" if settings.models_dir else ""
     raise NotFound(f"Model {name!r} not found{where}: name an uploaded model file, a server model, one of your "
                    "fine-tuned models or checkpoints" + (" or a Hugging Face hub id." if settings.allow_hub_models else "."),
                    param="model", code="model_not_found")
+
+
+# --- can the hub deliver it? -------------------------------------------------------------------
+
+DEFAULT_HUB = "https://huggingface.co"
+_answers: dict[str, tuple[bool, float]] = {}  # endpoint -> (reachable, when; time.monotonic)
+_answers_lock = threading.Lock()
+
+
+def hub_endpoint() -> str:
+    """The hub the training child downloads from: HF_ENDPOINT (huggingface_hub's variable) or the default."""
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_HUB).rstrip("/")
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set (huggingface_hub's truthy values): no hub request is ever made."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
+
+
+def hub_cache_dir() -> Path:
+    """huggingface_hub's cache folder, from the same variables it reads."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return Path(os.environ[name]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def in_hub_cache(name: str) -> bool:
+    """Whether the model's main revision is in the local cache (its config.json is there), so it
+    loads without the hub."""
+    folder = hub_cache_dir() / f"models--{name.replace('/', '--')}"
+    try:
+        commit = (folder / "refs" / "main").read_text().strip()
+    except OSError:
+        return False
+    return bool(commit) and "/" not in commit and (folder / "snapshots" / commit / "config.json").is_file()
+
+
+def forget_hub_answers() -> None:
+    """Drop the kept probe answers (the next check probes again)."""
+    with _answers_lock:
+        _answers.clear()
+
+
+def _probe(endpoint: str, timeout: float) -> bool:
+    """Whether anything answers HTTP at `endpoint` within `timeout` seconds; any status counts (a
+    401 or 404 came from a server). A thread bounds the wait: a socket timeout does not cover DNS."""
+    answered: list[bool] = []
+
+    def ask() -> None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(endpoint + "/", method="HEAD"), timeout=timeout):
+                pass
+            answered.append(True)
+        except urllib.error.HTTPError:
+            answered.append(True)
+        except Exception:  # noqa: BLE001 - refused, unresolvable, timed out, a bad URL: not reachable
+            answered.append(False)
+
+    thread = threading.Thread(target=ask, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered) and answered[0]
+
+
+def hub_reachable(settings: Settings) -> bool:
+    """Whether the hub answers within `settings.hub_probe_seconds` (True when that is 0: no probe).
+    The answer is kept `settings.hub_probe_cache_seconds` per process and endpoint; concurrent
+    callers wait for one probe rather than each making their own."""
+    if settings.hub_probe_seconds <= 0:
+        return True
+    endpoint = hub_endpoint()
+    with _answers_lock:
+        kept = _answers.get(endpoint)
+        if kept is not None and time.monotonic() - kept[1] < settings.hub_probe_cache_seconds:
+            return kept[0]
+        reachable = _probe(endpoint, settings.hub_probe_seconds)
+        _answers[endpoint] = (reachable, time.monotonic())
+        return reachable
+
+
+def check_hub(settings: Settings, name: str) -> None:
+    """Refuse a hub id the hub cannot deliver: not in the local cache, and HF_HUB_OFFLINE is set (no
+    probe) or the hub does not answer the probe.
+
+    Raises:
+        BadRequest: code "model_not_found", param "model", saying how to provide the model instead.
+    """
+    if in_hub_cache(name):
+        return
+    if hub_offline():
+        why = "this server runs with HF_HUB_OFFLINE=1"
+    elif not hub_reachable(settings):
+        why = (f"the Hugging Face hub ({hub_endpoint()}) can't be reached from this server "
+               f"(no answer within {settings.hub_probe_seconds:g}s)")
+    else:
+        return
+    raise BadRequest(f"Model {name!r} is a Hugging Face hub id, but {why} and the model is not in its local cache. "
+                     "Provide the model another way: upload it as a .tar/.tar.gz/.zip of its folder with "
+                     "purpose=model and name that file's id, or ask the operator to put its folder in the "
+                     "server's models directory (LATHE_MODELS_DIR) and name the folder.",
+                     param="model", code="model_not_found")
 
 
 def _safe_relative(name: str) -> bool:

@@ -1,6 +1,11 @@
 """Queue publishing: the one Celery configuration and the one publisher, shared by the API (which
 publishes by task name after its commit) and the worker side (retries, the sweeper). Torch-free.
 
+Two queues: `lathe.run_job` goes to LATHE_QUEUE, whose consumers are the training slots
+(LATHE_WORKER_CONCURRENCY per worker); `lathe.validate_job` goes to `<LATHE_QUEUE>.validate`,
+consumed by every worker's validation pool (worker.celery_app.ValidationPool), so checking a job's
+files never waits for a training slot.
+
 Messages carry job ids, never payloads; there is no result backend: state lives in SQL. Publishing
 never raises: the job row is already committed when a message goes out, and the sweeper publishes
 again for a job whose message was lost (a broker that was down, a FLUSHALL).
@@ -25,11 +30,22 @@ RUN_TASK = "lathe.run_job"
 VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 
 
+def validate_queue(settings: Settings) -> str:
+    """The queue of `lathe.validate_job` messages: `<LATHE_QUEUE>.validate`."""
+    return f"{settings.queue}.validate"
+
+
+def queue_for(settings: Settings, task_name: str) -> str:
+    """Where a task's messages go: validation to its own queue, everything else to LATHE_QUEUE."""
+    return validate_queue(settings) if task_name == VALIDATE_TASK else settings.queue
+
+
 def make_celery(settings: Settings) -> Celery:
     """A Celery app for these settings' broker and queue (the worker registers its tasks on one)."""
     app = Celery("lathe", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
         task_default_queue=settings.queue,
+        task_routes={VALIDATE_TASK: {"queue": validate_queue(settings)}},
         task_acks_late=True,
         task_reject_on_worker_lost=False,
         worker_prefetch_multiplier=1,
@@ -64,7 +80,8 @@ class Publisher:
         """Publish `task_name(job_id)`; call only after the job row is committed. False when the
         broker could not be reached (logged; the sweeper publishes again later)."""
         try:
-            self.celery.send_task(task_name, args=[job_id], queue=self.settings.queue, countdown=countdown)
+            self.celery.send_task(task_name, args=[job_id], queue=queue_for(self.settings, task_name),
+                                  countdown=countdown)
             return True
         except Exception:  # noqa: BLE001 - the broker being down must not undo a committed change
             log.exception("could not publish %s for %s; the sweeper will publish it again", task_name, job_id)
@@ -89,6 +106,7 @@ def publisher_for(settings: Settings) -> Publisher:
 
 
 def publish_validate(settings: Settings, job_id: str) -> bool:
+    """Enqueue `lathe.validate_job` on the validation queue; call only after the job row is committed."""
     return publisher_for(settings)(VALIDATE_TASK, job_id)
 
 

@@ -27,11 +27,20 @@ class Settings(BaseSettings):
         "", description="Comma-separated shell patterns of hub ids `model` may name (e.g. "
                         "`HuggingFaceTB/*,sentence-transformers/all-MiniLM-L6-v2`); empty: any hub id."
     )
+    hub_probe_seconds: float = Field(1.0, ge=0, description=(
+        "Before a hub id is accepted (at create, validation and run), how long the hub (HF_ENDPOINT, "
+        "default https://huggingface.co) may take to answer before it counts as unreachable and the "
+        "job is refused with model_not_found; 0: no probe (assume it is reachable)."))
+    hub_probe_cache_seconds: float = Field(60.0, ge=0, description=(
+        "How long a process keeps the hub probe's answer (reachable or not) before it probes again."))
     max_attempts: int = Field(3, ge=1, description="Tries per job before it fails with worker_lost.")
     lease_seconds: int = Field(120, ge=5, description="How long a claim on a job lasts without a heartbeat.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker renews its lease.")
     cancel_grace_seconds: float = Field(30.0, ge=0, description="Time a training process gets to checkpoint on cancel.")
-    worker_concurrency: int = Field(1, ge=1, description="Jobs one worker runs at once.")
+    worker_concurrency: int = Field(1, ge=1, description="Jobs one worker trains at once (its training slots).")
+    validate_concurrency: int = Field(2, ge=1, description=(
+        "Jobs one worker validates at once, on threads of their own (the `<queue>.validate` queue): "
+        "file checks never wait for a training slot."))
     retry_backoff_seconds: float = Field(
         5.0, ge=0, description="Wait before retrying a job after an infrastructure failure; doubles with each "
                                "attempt, capped at 5 minutes.")

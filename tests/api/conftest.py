@@ -15,11 +15,13 @@ from openai import OpenAI
 from sqlalchemy import text
 
 from lathe.keys import create_key
+from lathe.model_source import forget_hub_answers
 from lathe.db.tables import Base
 from lathe.db.session import engine_for, session_scope
 from api.main import create_app
 from lathe.settings import Settings
 from tests.databases import scratch_postgres
+from tests.hub_stub import StubHub
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 
@@ -116,3 +118,23 @@ def train_file(client, acme) -> str:
     r = upload(client, acme)
     assert r.status_code == 200, r.text
     return r.json()["id"]
+
+
+@pytest.fixture(scope="session")
+def stub_hub() -> Iterator[StubHub]:
+    hub = StubHub()
+    yield hub
+    hub.close()
+
+
+@pytest.fixture(autouse=True)
+def reachable_hub(stub_hub: StubHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[StubHub]:
+    """Hub ids (`bert-base-uncased`) are accepted only when the hub answers the create-time probe:
+    every API test gets a local hub that answers (HF_ENDPOINT, inherited by servers they start), an
+    empty Hugging Face cache, and no kept answers; never the real hub."""
+    monkeypatch.setenv("HF_ENDPOINT", stub_hub.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    forget_hub_answers()
+    yield stub_hub
+    forget_hub_answers()

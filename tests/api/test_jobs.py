@@ -10,6 +10,7 @@ import pytest
 
 from lathe.db.tables import Job, JobStatus, Model, now
 from lathe.db.session import session_scope
+from lathe.queue import validate_queue
 from tests.api.conftest import upload
 from tests.api.test_basics import assert_error
 
@@ -21,7 +22,9 @@ def create(client, headers, **body):
 
 
 def queued_messages(redis_client, settings) -> list[dict]:
-    return [json.loads(m) for m in redis_client.lrange(settings.queue, 0, -1)]
+    """Messages waiting in the test's queues: LATHE_QUEUE (lathe.run_job) and <queue>.validate."""
+    return [json.loads(m) for queue in (settings.queue, validate_queue(settings))
+            for m in redis_client.lrange(queue, 0, -1)]
 
 
 def set_status(settings, job_id: str, status: JobStatus, **values) -> None:

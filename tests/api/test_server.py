@@ -79,7 +79,7 @@ def test_sdk_over_real_http(server):
     assert (tmp_path / "data" / "files" / f.id / "data.csv").stat().st_size == size
     job = client.fine_tuning.jobs.create(model="bert-base-uncased", training_file=f.id)
     assert job.status == "validating_files"
-    assert redis.Redis.from_url(REDIS_URL).llen(queue) == 1
+    assert redis.Redis.from_url(REDIS_URL).llen(f"{queue}.validate") == 1  # lathe.validate_job's own queue
     assert httpx2.get(f"{base}/readyz").status_code == 200
 
     over = tmp_path / "over.csv"

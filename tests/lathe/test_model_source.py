@@ -20,7 +20,7 @@ def setup(tmp_path):
         (models / name).mkdir(parents=True)
         (models / name / "config.json").write_text("{}")
     settings = Settings(data_dir=tmp_path / "data", database_url=url, models_dir=models,
-                        hub_model_allowlist="HuggingFaceTB/*")
+                        hub_model_allowlist="HuggingFaceTB/*", hub_probe_seconds=0)  # the probe: test_hub_probe.py
     with session_scope(url) as s:
         tenant = Tenant(id=new_id("org"), name="acme", created_at=now())
         s.add(tenant)
