@@ -1,12 +1,16 @@
 """image-classification: any AutoModelForImageClassification (ResNet, ViT, ConvNeXt ...) with a head.
 
 Data comes from core.datasets.images (a zip of label folders, or Parquet with image bytes). Each
-image is decoded to RGB and run through the model's image processor once, in prepare(): a split
-holds float32 (C, H, W) tensors exactly as the processor makes them, so evaluation sees what
-inference with the exported processor sees. That costs C x H x W x 4 bytes per image in memory
-(0.6 MB at 224 x 224: 10,000 images take 6 GB). Training batches may then be augmented
-(core.augment_image); validation and test batches never are. The loss is softmax cross-entropy,
-with label smoothing and class weights as for single-label text classification.
+image is decoded to RGB and resized/cropped by the model's image processor once, in prepare(), and
+held as uint8 (C, H, W) pixels: 3 x H x W bytes per image (150 KB at 224 x 224; 10,000 images take
+1.5 GB, where the processor's float32 output would take 6 GB). `collate` makes the model inputs of
+the batch only, by looking each pixel value up in `pixel_table`: the processor's own float for that
+value (its rescale, offset, mean/std), bit for bit, so evaluation sees what inference with the
+exported processor sees. A processor whose value steps cannot be switched off apart from its resize
+(EfficientNet's include_top divides by the std regardless) keeps its float32 output instead.
+Training batches may be augmented (core.augment_image, in [0, 1] pixel space, mapped to model inputs
+afterwards); validation and test batches never are. The loss is softmax cross-entropy, with label
+smoothing and class weights as for single-label text classification.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from core.spec import LABEL_METRICS, Task
 PROCESSOR_FILE = "preprocessor_config.json"
 DEFAULT_IMAGE_SIZE = 224  # when neither config.image_size nor the model's config says
 ENCODE_CHUNK = 16  # images decoded at a time in prepare(): 16 twelve-megapixel photos are ~0.6 GB
+VALUES_OFF = {"do_rescale": False, "do_normalize": False}  # the processor's resize and crop only
 
 
 class ImageClassification(TaskAdapter):
@@ -45,6 +50,9 @@ class ImageClassification(TaskAdapter):
         self.augmenter: ImageAugmenter | None = None  # built by prepare() when augmentation is on
         self.forward_kwargs: dict[str, Any] = {}  # set by build_model()
         self.image_shape: tuple[int, ...] | None = None  # (C, H, W) of the prepared inputs
+        self.pixel_table: torch.Tensor | None = None  # (C, 256) model input per uint8 value; None: float32 held
+        self.black: torch.Tensor | None = None  # (C, 1, 1): the model input of a black pixel (augmentation)
+        self.span: torch.Tensor | None = None  # (C, 1, 1): white's minus black's
 
     @property
     def metrics(self) -> dict[str, bool]:
@@ -81,17 +89,19 @@ class ImageClassification(TaskAdapter):
         return processor
 
     def prepare_parsed(self, parsed: dict[str, ParsedFile], processor: Any) -> TaskData:
-        """Decode and process every checked image once (core.datasets.images read and checked them).
+        """Decode, resize and crop every checked image once (core.datasets.images read and checked them).
 
         Raises:
             DataError: an image whose pixels fail to decode.
             EngineError: images the processor makes in different sizes (param config.image_size);
-                class_weights naming unknown labels.
+                class_weights naming unknown labels; augmentation with a processor that maps black
+                and white to the same input.
         """
         train = parsed["training_file"].summary
         self.labels = list(train.labels or [])
         self.weights = class_weights(self.labels, train.label_counts, self.config.loss.class_weights)
         ids = {label: i for i, label in enumerate(self.labels)}
+        self.pixel_table = pixel_table(processor)
 
         def encode(param: str, rows: list[reader.ImageRow]) -> Split:
             pixels = self._encode(processor, rows, param=param)
@@ -102,20 +112,27 @@ class ImageClassification(TaskAdapter):
         augmentation = self.config.augmentation.image
         if not is_identity(augmentation):
             black, white = processor_pixel_range(processor)
-            self.augmenter = ImageAugmenter(augmentation, size=self.image_shape[-2:], black=black, white=white)
+            self.black, self.span = black, white - black
+            self.augmenter = ImageAugmenter(augmentation, size=self.image_shape[-2:])
         return data
 
     def _encode(self, processor: Any, rows: list[reader.ImageRow], *, param: str) -> list[torch.Tensor]:
-        """Processed (C, H, W) float32 tensors of `rows`, a chunk at a time to bound the peak memory."""
-        tensors: list[torch.Tensor] = []
+        """The held (C, H, W) inputs of `rows`: views of one (N, C, H, W) tensor, uint8 pixels after the
+        processor's resize and crop (float32 processor output when self.pixel_table is None).
+        Images are decoded a chunk at a time to bound the peak memory."""
+        held: torch.Tensor | None = None
+        uint8 = self.pixel_table is not None
         for start in range(0, len(rows), ENCODE_CHUNK):
             chunk = rows[start : start + ENCODE_CHUNK]
             images = [reader.load_rgb(row, param=param) for row in chunk]
-            for row, values in zip(chunk, processor(images=images)["pixel_values"]):
-                tensor = torch.as_tensor(np.asarray(values), dtype=torch.float32)
-                self._check_shape(tensor.shape, where=f"{param}: {row.where}")
-                tensors.append(tensor)
-        return tensors
+            outputs = processor(images=images, **(VALUES_OFF if uint8 else {}))["pixel_values"]
+            for i, (row, values) in enumerate(zip(chunk, outputs), start):
+                values = np.asarray(values)
+                self._check_shape(values.shape, where=f"{param}: {row.where}")
+                if held is None:
+                    held = torch.empty((len(rows), *values.shape), dtype=torch.uint8 if uint8 else torch.float32)
+                held[i].numpy()[...] = _quantised(values) if uint8 else values  # any strides (BGR flips)
+        return list(held.unbind(0))
 
     def _check_shape(self, shape: torch.Size, *, where: str) -> None:
         if self.image_shape is None:
@@ -155,11 +172,19 @@ class ImageClassification(TaskAdapter):
         rng: np.random.Generator | None = None,
         pad_to_multiple_of: int | None = None,
     ) -> dict[str, torch.Tensor]:
-        """{"pixel_values": (B, C, H, W), "labels": (B,)}; training batches (rng given) augmented
-        when config.augmentation.image is on. Images need no padding."""
-        pixel_values = torch.stack([split.features["pixel_values"][i] for i in indices])
+        """{"pixel_values": (B, C, H, W) float32 model inputs, "labels": (B,)}; training batches (rng
+        given) augmented when config.augmentation.image is on. Images need no padding.
+
+        Only the batch is converted: held uint8 pixels become the processor's floats through
+        self.pixel_table; augmentation runs on the batch in [0, 1] pixel space (value / 255, or the
+        held float32 inputs mapped back through black and span) and maps the result to model inputs."""
+        pixels = torch.stack([split.features["pixel_values"][i] for i in indices])
+        uint8 = pixels.dtype == torch.uint8
         if rng is not None and self.augmenter is not None:
-            pixel_values = self.augmenter(pixel_values, rng)
+            images = pixels.float() / 255 if uint8 else (pixels - self.black) / self.span
+            pixel_values = self.augmenter(images, rng) * self.span + self.black
+        else:
+            pixel_values = _look_up(self.pixel_table, pixels) if uint8 else pixels
         labels = torch.tensor([split.targets[i] for i in indices], dtype=torch.long)
         return {"pixel_values": pixel_values, "labels": labels}
 
@@ -196,11 +221,59 @@ class ImageClassification(TaskAdapter):
 # Processors
 
 
+def pixel_table(processor: Any) -> torch.Tensor | None:
+    """What `processor` makes of each pixel value 0..255 of each channel: a (C, 256) float32 table,
+    or None when its value steps cannot be switched off apart from its resize and crop.
+
+    An image processor resizes and crops first, then rescales and normalises each value of each
+    channel on its own (BaseImageProcessor's order). So the model input of an image is the table
+    looked up at the processor's uint8 resized-and-cropped pixels: the same float32, computed by the
+    processor itself, not re-derived from its flags (which differ between processors: EfficientNet's
+    offset, do_normalize off ...). Measured on a 16 x 16 grey probe holding every value once, run
+    without resize and crop; None when the probe does not come back unchanged with rescale and
+    normalisation off (EfficientNet's include_top still divides by the std).
+    """
+    from PIL import Image
+
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    probe = [Image.fromarray(levels).convert("RGB")]
+    no_geometry = {"do_resize": False, "do_center_crop": False}
+    try:
+        raw = np.asarray(processor(images=probe, **no_geometry, **VALUES_OFF)["pixel_values"][0])
+        full = np.asarray(processor(images=probe, **no_geometry)["pixel_values"][0], dtype=np.float32)
+    except (TypeError, ValueError):  # a processor that refuses these switches
+        return None
+    if raw.ndim != 3 or raw.shape != full.shape or not np.array_equal(raw, np.broadcast_to(levels, raw.shape)):
+        return None
+    return torch.from_numpy(full.reshape(full.shape[0], 256).copy())
+
+
+def _quantised(values: np.ndarray) -> np.ndarray:
+    """A processor's resized-and-cropped pixels as uint8. Pillow resizes uint8 images in uint8, so
+    this is a plain cast for every Pillow-backed processor; one that resized in float would land up
+    to half a value step (0.5 / 255 before normalisation) off its own output."""
+    if values.dtype == np.uint8:
+        return values
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _look_up(table: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """table[c, pixels[b, c, h, w]] for a (B, C, H, W) uint8 batch: its model inputs, float32."""
+    channels = table.shape[0]
+    offsets = torch.arange(0, channels * 256, 256, dtype=torch.long).view(1, channels, 1, 1)
+    return table.flatten()[pixels.long() + offsets]
+
+
+
 def default_processor(side: int) -> Any:
     """A processor for a model folder without one: bilinear resize to side x side, rescale to
     [0, 1], normalise with the ImageNet mean/std (what timm and torchvision models expect)."""
     from transformers import ViTImageProcessorPil
-    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+    from transformers.image_utils import (
+        IMAGENET_DEFAULT_MEAN,
+        IMAGENET_DEFAULT_STD,
+        PILImageResampling,
+    )
 
     return ViTImageProcessorPil(
         do_resize=True, size={"height": side, "width": side}, resample=PILImageResampling.BILINEAR,

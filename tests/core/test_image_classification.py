@@ -249,9 +249,11 @@ def prepared(model: Path, files: dict[str, Path], **config) -> tuple[ImageClassi
 def test_inputs_are_the_processors_output(resnet_dir, sample_zip, sample):
     adapter, processor, data = prepared(resnet_dir, {"train": sample_zip}, image_size=24)
     assert processor.size["height"] == 24 and processor.image_mean == pytest.approx([0.485, 0.456, 0.406])
+    assert {t.dtype for t in data.train.features["pixel_values"]} == {torch.uint8}
     batch = adapter.collate(data.train, list(range(60)))
     rgb = [image.convert("RGB") for image in sample[0]]
     expected = torch.as_tensor(np.asarray(processor(images=rgb)["pixel_values"]))
+    assert batch["pixel_values"].dtype == torch.float32
     assert batch["pixel_values"].shape == (60, 3, 24, 24) and torch.equal(batch["pixel_values"], expected)
     assert batch["labels"].tolist() == sample[1] and data.labels == [str(d) for d in range(10)]
     assert data.train.lengths == [1] * 60
@@ -287,8 +289,87 @@ def test_a_saved_processor_is_used_and_resized(resnet_dir, sample_zip, tmp_path)
     saved.save_pretrained(model)
     adapter, processor, data = prepared(model, {"train": sample_zip}, image_size=20)
     assert adapter.image_shape == (3, 20, 20) and list(processor.image_mean) == [0.5] * 3
-    pixels = torch.stack(data.train.features["pixel_values"])
+    pixels = adapter.collate(data.train, list(range(60)))["pixel_values"]
     assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.min() == -1  # (x/255 - 0.5) / 0.5
+
+
+def colour_images(n: int, seed: int = 0) -> list:
+    """`n` RGB noise images of assorted non-square sizes, so every resize interpolates."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    sizes = [(29, 23), (40, 31), (23, 37), (64, 48)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in
+            (sizes[i % len(sizes)] for i in range(n))]
+
+
+def with_processor(resnet_dir: Path, folder: Path, processor) -> Path:
+    import shutil
+
+    model = Path(shutil.copytree(resnet_dir, folder))
+    processor.save_pretrained(model)
+    return model
+
+
+def _processors():
+    from transformers import (
+        CLIPImageProcessorPil,
+        ConvNextImageProcessorPil,
+        EfficientNetImageProcessorPil,
+        MobileViTImageProcessorPil,
+    )
+
+    return {
+        "default": None,  # the model folder has none: core's ViT-style default (square resize, ImageNet mean/std)
+        "convnext-crop-pct": ConvNextImageProcessorPil(size={"shortest_edge": 224}),
+        "clip-centre-crop": CLIPImageProcessorPil(),
+        "mobilevit-bgr": MobileViTImageProcessorPil(),  # no mean/std, channels flipped to BGR
+        "efficientnet": EfficientNetImageProcessorPil(rescale_offset=True),  # include_top: float32 held
+    }
+
+
+@pytest.mark.parametrize("name", list(_processors()))
+def test_batches_are_the_processors_output_bit_for_bit(name, resnet_dir, tmp_path):
+    """The collate's normalised batch is exactly what the processor makes of the same images.
+
+    Pillow-backed processors resize and crop in uint8, so the held pixels are the processor's own
+    intermediate pixels and the table holds its own float32 per value: no tolerance is needed.
+    """
+    saved = _processors()[name]
+    model = resnet_dir if saved is None else with_processor(resnet_dir, tmp_path / "model", saved)
+    images = colour_images(8)
+    labels = [i % 2 for i in range(8)]
+    files = {"train": write_image_zip(tmp_path / "train.zip", images, labels)}
+    adapter, processor, data = prepared(model, files, image_size=20)
+    held = data.train.features["pixel_values"]
+    assert {t.dtype for t in held} == {torch.float32 if name == "efficientnet" else torch.uint8}
+    assert (adapter.pixel_table is None) == (name == "efficientnet")
+    batch = adapter.collate(data.train, list(range(8)))["pixel_values"]
+    expected = torch.as_tensor(np.asarray(processor(images=images)["pixel_values"]))
+    assert batch.dtype == torch.float32 and batch.shape == (8, 3, 20, 20)
+    assert not torch.equal(expected, expected.round())  # normalised floats, not pixel values
+    assert torch.equal(batch, expected)
+
+    # Augmentation works in [0, 1] pixel space and comes back to the same normalisation.
+    adapter, _, data = prepared(model, files, image_size=20, augmentation={"image": {"horizontal_flip": 1.0}})
+    flipped = adapter.collate(data.train, list(range(8)), rng=np.random.default_rng(0))["pixel_values"]
+    torch.testing.assert_close(flipped, expected.flip(-1), atol=1e-5, rtol=0)
+
+
+def test_held_images_are_uint8_of_exact_size(resnet_dir, tmp_path):
+    """What a split holds in memory: N x 3 x H x W bytes of uint8 pixels (one tensor), nothing more."""
+    images = colour_images(12)
+    labels = [i % 3 for i in range(12)]
+    files = {"train": write_image_zip(tmp_path / "train.zip", images, labels),
+             "validation": write_image_zip(tmp_path / "validation.zip", images[:5], labels[:5])}
+    _, _, data = prepared(resnet_dir, files, image_size=20)
+    for split, n in ((data.train, 12), (data.validation, 5)):
+        held = split.features["pixel_values"]
+        assert len(held) == n and {t.dtype for t in held} == {torch.uint8}
+        assert {tuple(t.shape) for t in held} == {(3, 20, 20)}
+        assert sum(t.nbytes for t in held) == n * 3 * 20 * 20
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+        assert sum(storages.values()) == n * 3 * 20 * 20  # views of one tensor: no crop's parent kept alive
 
 
 def test_augmentation_is_seeded_by_the_batch_rng_only(resnet_dir, sample_zip):
