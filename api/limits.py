@@ -5,8 +5,9 @@ requests per API key id (never the secret) over a moving window in the queue's R
 `limits` library. Past a limit: 429 `rate_limit_exceeded` with `Retry-After` (seconds until the
 oldest counted request leaves the window), as OpenAI answers. When that Redis can't be reached
 the API keeps serving without limits (fails open) and logs a warning: a limiter outage must not
-become an API outage. /healthz, /readyz and /metrics are never limited (main.py attaches the
-limiter to the /v1 routers only).
+become an API outage. Every request that authenticates is counted (api.deps.get_caller calls
+`check_request` right after the key check); /healthz, /readyz and /metrics take no key and are
+never limited.
 
 The per-tenant quotas themselves (active jobs, stored bytes) are lathe.quotas', checked where the
 rows are inserted; main.py installs that check on the API's sessions. Here is only what HTTP adds:
@@ -105,6 +106,16 @@ class KeyRateLimiter:
             log.warning("rate limits not enforced for %.0f s: Redis unreachable (%s: %s)",
                         self.backoff_seconds, type(exc).__name__, exc)
 
+    def check_request(self, request: Request, key_id: str) -> None:
+        """Count an authenticated request against key `key_id`'s limits (and the upload limit for an
+        upload). api.deps.get_caller calls it once the key is verified, in the same trip to the
+        threadpool, so a bad key is a 401, never a 429.
+
+        Raises:
+            RateLimited: as `check`.
+        """
+        self.check(key_id, upload=is_upload(request))
+
     def _exceeded(self, item: RateLimitItem, scope: str, key_id: str, *, upload: bool) -> RateLimited:
         reset_at = self._limiter.get_window_stats(item, scope, key_id).reset_time  # type: ignore[union-attr]
         wait = max(1, math.ceil(reset_at - time.time()))
@@ -116,11 +127,6 @@ class KeyRateLimiter:
             headers={"Retry-After": str(wait), "x-ratelimit-limit-requests": str(item.amount),
                      "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": f"{wait}s"},
         )
-
-
-def rate_limit(request: Request, caller: CallerDep) -> None:
-    """Dependency: count this request against its key's limits (after auth, so 401 comes first)."""
-    request.app.state.rate_limiter.check(caller.key_id, upload=is_upload(request))
 
 
 # --- the upload precheck ------------------------------------------------------------------------

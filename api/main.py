@@ -11,8 +11,9 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from api.deps import get_caller
 from api.errors import install_handlers
-from api.limits import KeyRateLimiter, check_upload_room, rate_limit
+from api.limits import KeyRateLimiter, check_upload_room
 from api.routes import files, health, job_data, jobs, models
 from api.telemetry import MetricsMiddleware, make_registry
 from lathe.jobs import JobCreate
@@ -84,10 +85,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics_registry = registry
 
     install_handlers(app)
-    # Every /v1 request counts against its key's rate limit; /healthz, /readyz and /metrics never do.
+    # Every /v1 request needs a key, and so counts against that key's rate limit (api.deps.get_caller,
+    # run once per request however many dependencies ask for it); /healthz, /readyz and /metrics
+    # take no key and are never limited.
     for module in (files, jobs, job_data, models):
         extra = [Depends(check_upload_room)] if module is files else []
-        app.include_router(module.router, dependencies=[Depends(rate_limit), *extra])
+        app.include_router(module.router, dependencies=[Depends(get_caller), *extra])
     app.include_router(health.router)
     app.add_middleware(MetricsMiddleware, requests=requests, latency=latency)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

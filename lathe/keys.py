@@ -30,6 +30,9 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+NO_KEY_HASH = _hash("")  # what an unknown id's secret is compared against
+
+
 def key_id_of(text: str) -> str:
     """The public id in a whole key (`lathe_<id>_<secret>`), or `text` itself when it is an id."""
     prefix, _, rest = text.partition("_")
@@ -76,17 +79,18 @@ def verify_key(session: Session, raw_key: str) -> Caller:
     key_id, _, secret = rest.partition("_")
     if prefix != PREFIX or not key_id or not secret or len(key_id) > 40:
         raise Unauthorized(WRONG_KEY)
-    key = session.get(ApiKey, key_id)
+    # Read on every request, never cached, so a revoked or expired key stops at once. One query for
+    # the key and its tenant (a key whose tenant went away is no key: the inner join drops it).
+    row = session.execute(select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id)
+                          .where(ApiKey.id == key_id)).first()
+    key, tenant = (row[0], row[1]) if row is not None else (None, None)
     # Compare even when the id is unknown, so timing says nothing about which ids exist.
-    expected = key.secret_hash if key is not None else _hash("")
+    expected = key.secret_hash if key is not None else NO_KEY_HASH
     if not hmac.compare_digest(expected, _hash(secret)) or key is None or key.revoked_at is not None:
         raise Unauthorized(WRONG_KEY)
     if key.expires_at is not None and key.expires_at <= now():
         raise Unauthorized("This API key has expired; create a new one with `lathe keys create`.",
                            code="expired_api_key")
-    tenant = session.get(Tenant, key.tenant_id)
-    if tenant is None:  # the tenant row went away under the key
-        raise Unauthorized(WRONG_KEY)
     return Caller(key_id=key.id, tenant=tenant)
 
 

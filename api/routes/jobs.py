@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.schemas import V1_ERRORS, FineTuningJob, ListPage, error_responses, job_object
@@ -50,9 +52,18 @@ def list_jobs(
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=error_responses(404))
-def retrieve_job(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep) -> FineTuningJob:
+async def retrieve_job(fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep) -> FineTuningJob:
     """Get a job."""
-    return job_object(service.owned_job(session, tenant_id=tenant.id, job_id=fine_tuning_job_id))
+    # What clients poll. One trip to the threadpool for the query and the rendering (a plain `def`
+    # route makes FastAPI take a second one to check the answer; here it does so in the loop).
+    return await run_in_threadpool(_retrieve, session, tenant.id, fine_tuning_job_id)
+
+
+def _retrieve(session: Session, tenant_id: str, job_id: str) -> FineTuningJob:
+    try:
+        return job_object(service.owned_job(session, tenant_id=tenant_id, job_id=job_id))
+    finally:
+        session.close()  # ends the read transaction here, so closing it later is no I/O
 
 
 def _act(request: Request, session, tenant, job_id: str, action: str) -> FineTuningJob:  # noqa: ANN001
