@@ -66,7 +66,7 @@ class RunPaths:
 @dataclass
 class RunResult:
     model_dir: Path | None  # exported HF folder (work_dir/output/model); None when cancelled
-    archive_path: Path | None  # uncompressed .tar of model_dir's files at the root; None when cancelled
+    archive_path: Path | None  # uncompressed .tar of model_dir's files at the root; None when cancelled or not asked
     trained_tokens: int
     hyperparameters: dict
     metrics: dict  # {"latest", "best", "test", "baseline_test"}
@@ -89,6 +89,7 @@ class Job:
     precision: Precision
     metric: str  # config.metric_for_best_model
     greater_is_better: bool
+    timings: dict[str, float]  # unix seconds at which each part of the setup was done
 
 
 def run(
@@ -98,6 +99,7 @@ def run(
     *,
     should_stop: Callable[[], bool] = lambda: False,
     callbacks: Sequence[Callback] = (),
+    archive: bool = True,
 ) -> RunResult:
     """Fine-tune `paths.model` on the job's data, reporting to `sink`, and export the result.
 
@@ -107,6 +109,8 @@ def run(
         sink: receives events, metrics and checkpoint announcements.
         should_stop: polled after each optimizer step; True saves a checkpoint and stops (cancelled).
         callbacks: extra callbacks, run after the built-in ones.
+        archive: pack the exported folder into a tar (`archive_path`); the service packs it
+            itself once the job is recorded (core.export.ensure_archive).
 
     Returns:
         A RunResult; when cancelled, nothing is exported (model_dir and archive_path are None).
@@ -118,7 +122,7 @@ def run(
         EngineError: anything else wrong with the request (unsupported task, bad checkpoint, ...).
     """
     try:
-        return _run(spec, paths, sink, should_stop, list(callbacks))
+        return _run(spec, paths, sink, should_stop, list(callbacks), archive)
     except EngineError:
         raise
     except BaseException as e:
@@ -131,9 +135,10 @@ def run(
         raise
 
 
-def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_callbacks) -> RunResult:
+def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_callbacks, archive) -> RunResult:
     # Setup: what is trained (the job), then the loop's parts, then where it starts from.
     cfg = spec.config
+    started = time.time()
     job = build_job(spec, paths, sink)
     model, data, adapter, device, precision = job.model, job.data, job.adapter, job.device, job.precision
     batch_size, n_epochs, accum = spec.batch_size(len(data.train)), spec.n_epochs(), cfg.gradient_accumulation_steps
@@ -157,6 +162,7 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
                                     files=paths.data_files().by_param())
     parts = TrainingParts(model, optimizer, scheduler, scaler, state, callbacks, facts, record)
     resume_or_test_baseline(parts, paths.resume_from, sink, evaluate, data.test)
+    timings = {"engine_started": started, **job.timings, "setup_done": time.time()}
 
     # The loop: one optimizer step per `accum` micro-batches; callbacks act through `control`.
     checkpoints = paths.work_dir / "checkpoints"
@@ -204,6 +210,9 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
             if state.batch_in_epoch == len(batches):
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             state.train_seconds += time.perf_counter() - started
+            if timings is not None:  # this run's first step: how long the way to it took
+                _first_step_event(sink, state.step, timings | {"first_step": time.time()})
+                timings = None
             control.reset()
             for cb in callbacks:
                 cb.on_step_end(state, control)
@@ -219,7 +228,7 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
                 break
     for cb in callbacks:
         cb.on_train_end(state, control)
-    return finish(spec, paths, sink, job, state, evaluate, record)
+    return finish(spec, paths, sink, job, state, evaluate, record, archive=archive)
 
 
 def build_job(spec: JobSpec, paths: RunPaths, sink: MetricsSink) -> Job:
@@ -236,7 +245,9 @@ def build_job(spec: JobSpec, paths: RunPaths, sink: MetricsSink) -> Job:
     task = spec.task or infer_task(paths.train_file, cfg)
     adapter = adapter_for(task, spec)
     processor = adapter.load_processor(paths.model)
+    timings = {"processor_loaded": time.time()}
     data = adapter.prepare(paths.data_files(), processor)
+    timings["data_ready"] = time.time()
     metric, greater_is_better = check_metrics(adapter, cfg)
     model = adapter.build_model(paths.model, data, processor)
     model, layers, frozen = prepare_model(model, cfg, task=task)
@@ -244,8 +255,10 @@ def build_job(spec: JobSpec, paths: RunPaths, sink: MetricsSink) -> Job:
         start_from_checkpoint(Path(paths.init_from), model, task=task, labels=data.labels)
         sink.event(f"Starting from the weights of checkpoint {Path(paths.init_from).name}.")
     model.to(device)
+    timings["model_ready"] = time.time()
     sink.event(_describe(spec, task, data, model, device, precision), data=_balance(data))
-    return Job(task, adapter, processor, data, model, layers, frozen, device, precision, metric, greater_is_better)
+    return Job(task, adapter, processor, data, model, layers, frozen, device, precision, metric, greater_is_better,
+               timings)
 
 
 def resume_or_test_baseline(parts: TrainingParts, resume_from: Path | None, sink: MetricsSink,
@@ -274,9 +287,10 @@ def save_and_announce(parts: TrainingParts, checkpoints: Path, sink: MetricsSink
 
 
 def finish(spec: JobSpec, paths: RunPaths, sink: MetricsSink, job: Job, state: TrainState,
-           evaluate: Callable[..., dict[str, Any]], record: dict[str, Any]) -> RunResult:
+           evaluate: Callable[..., dict[str, Any]], record: dict[str, Any], *, archive: bool = True) -> RunResult:
     """After the loop: nothing more when cancelled; else the best weights back (when asked), the
-    test set measured, and the model exported and packed."""
+    test set measured, and the model exported (and packed, if `archive`)."""
+    ended = time.time()
     data, model = job.data, job.model
     hyperparameters = spec.resolved_hyperparameters(len(data.train), job.task)
     metrics: dict[str, Any] = {
@@ -308,6 +322,7 @@ def finish(spec: JobSpec, paths: RunPaths, sink: MetricsSink, job: Job, state: T
         sink.metrics(state.step, _scalars(metrics["test"]), split="test")
         sink.event("Test set after training: " + _fmt(metrics["test"]), data=metrics["test"])
 
+    exporting = time.time()
     model_dir = export_model(
         lambda m, out: job.adapter.save(m, job.processor, out),
         model,
@@ -318,9 +333,22 @@ def finish(spec: JobSpec, paths: RunPaths, sink: MetricsSink, job: Job, state: T
         record=record,
         report={k: metrics[k] for k in ("best", "latest", "test", "baseline_test")} | {"best_step": state.best_step},
     )
-    archive = pack_archive(model_dir, paths.work_dir / "output" / "model.tar")
-    sink.event(f"Exported the model ({state.trained_tokens} trained tokens).")
-    return RunResult(model_dir, archive, state.trained_tokens, hyperparameters, metrics, state.stopped_early, False)
+    timings = {"train_ended": ended, "export_started": exporting, "exported": time.time()}
+    sink.event(f"Exported the model ({state.trained_tokens} trained tokens) in "
+               f"{timings['exported'] - exporting:.1f} s.", data={"timings": timings})
+    packed = pack_archive(model_dir) if archive else None
+    return RunResult(model_dir, packed, state.trained_tokens, hyperparameters, metrics, state.stopped_early, False)
+
+
+SETUP_TIMES = ("engine_started", "processor_loaded", "data_ready", "model_ready", "setup_done", "first_step")
+
+
+def _first_step_event(sink: MetricsSink, step: int, t: dict[str, float]) -> None:
+    """Where the time to this run's first optimizer step went (unix seconds in `data.timings`)."""
+    parts = ", ".join(f"{name} {t[b] - t[a]:.1f} s" for name, a, b in zip(
+        ("processor", "data", "model", "before the loop", "step"), SETUP_TIMES, SETUP_TIMES[1:]))
+    sink.event(f"First optimizer step (step {step}) {t['first_step'] - t['engine_started']:.1f} s after the "
+               f"engine started: {parts}.", data={"timings": t})
 
 
 def check_metrics(adapter: TaskAdapter, cfg: TrainingConfig) -> tuple[str, bool]:

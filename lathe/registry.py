@@ -11,6 +11,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.export import archive_path_for, ensure_archive
 from lathe.db.queries import get_model, unfinished_job_using
 from lathe.db.tables import Model
 from lathe.errors import Conflict, NotFound
@@ -32,15 +33,27 @@ def owned_model(session: Session, *, tenant_id: str, model_id: str) -> Model:
 
 
 def model_archive(session: Session, *, tenant_id: str, model_id: str) -> tuple[Model, Path]:
-    """A model and its .tar (the exported Hugging Face folder).
+    """A model and its .tar (the exported Hugging Face folder), packed now if the worker has not
+    yet (it packs after recording the job; this download may come first). Packing is atomic and
+    happens once however many requests ask at the same time; the size it finds is recorded.
 
     Raises:
-        NotFound: no such model, or its archive is missing.
+        NotFound: no such model, or neither its archive nor its folder is there.
     """
     row = owned_model(session, tenant_id=tenant_id, model_id=model_id)
-    path = Path(row.archive_path)
+    path, folder = Path(row.archive_path), Path(row.path)
     if not path.is_file():
-        raise NotFound(f"The archive of model {model_id!r} is missing.", param="model")
+        # Only where the worker records it, beside the exported folder; never somewhere else.
+        if not row.archive_path or not folder.is_absolute() or path != archive_path_for(folder):
+            raise NotFound(f"The archive of model {model_id!r} is missing.", param="model")
+        try:
+            ensure_archive(folder, path)
+        except OSError:
+            raise NotFound(f"The archive of model {model_id!r} is missing.", param="model") from None
+        size = path.stat().st_size
+        if row.bytes != size:
+            row.bytes = size
+            session.commit()
     return row, path
 
 

@@ -1,6 +1,12 @@
-"""The training process: `python -m worker.child JOB_ID ATTEMPT`.
+"""The training process: `python -m worker.child --standby SUPERVISOR_PID`.
 
-Started by `worker.tasks.run_job` in its own process group; the only process that imports torch.
+Started by the worker (`worker.supervisor`) in its own process group, usually ahead of its job: it
+imports torch, transformers and the engine, then blocks reading one assignment line from stdin,
+`{"job_id": ..., "attempt": ..., "assigned_at": ...}` (EOF instead: the supervisor let it go; it exits 0). From the
+start it watches the supervisor pid it was given and exits when orphaned. Once assigned it sends its
+output to the attempt's log and runs that attempt; `python -m worker.child JOB_ID ATTEMPT
+[SUPERVISOR_PID]` runs one directly. The only process that imports torch.
+
 It reads the job and the supervisor's plan (`attempt-<n>.plan.json`: resolved base model, checkpoint
 to resume from), runs `core.engine.run` with a DB-backed sink, and leaves its outcome in
 `attempt-<n>.result.json` (written atomically), which the supervisor reads after it exits:
@@ -11,7 +17,10 @@ to resume from), runs `core.engine.run` with a DB-backed sink, and leaves its ou
     {"status": "failed", "error": {"code": "internal_error", ...}, "user_error": false}
                                                           any other exception; exit 1 (traceback in
                                                           the attempt's log), not retried either
-Exit code 75 without a result: this attempt lost the job (fenced DB write refused).
+Exit code 75 without a result: this attempt lost the job (fenced DB write refused), or the
+supervisor died. The outcome written, the process leaves with os._exit: the interpreter's teardown
+of torch (a second or more) is not the job's time. The model folder is exported but not packed:
+the worker packs the download archive after it has recorded the job as succeeded.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -79,19 +89,60 @@ def _configure_threads(concurrency: int) -> None:
     torch.set_num_threads(max(1, cpus // max(1, concurrency)))
 
 
+# Imported before the job arrives: what every job needs before its own data and model. The model
+# classes transformers resolves by name at load time are imported for the common encoder families.
+WARM_MODULES = (
+    "core.engine",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.models.bert.modeling_bert",
+)
+
+
+def warm_up(concurrency: int) -> None:
+    """Import torch (and set its thread count), transformers and the engine; read the package
+    versions every reproducibility record names."""
+    import importlib
+
+    from core.export import package_versions
+
+    _configure_threads(concurrency)
+    for name in WARM_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional family missing from this transformers: load it when needed
+            pass
+    package_versions()
+
+
 def _result_fields(result: Any) -> dict[str, Any]:
     fields = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(vars(result))
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()}
 
 
-def run_attempt(job_id: str, attempt: int, supervisor: int | None = None) -> int:
+def _send_output_to(log: Path) -> None:
+    """Point stdout and stderr (the file descriptors, so that native code's output follows) at `log`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+
+
+def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = None,
+                stop: threading.Event | None = None) -> int:
+    """Run one attempt to its outcome file; the exit code. `timing`: when this process started,
+    was ready and was assigned (unix seconds), reported in the job's events. `stop`: set by a
+    SIGTERM (checkpoint at the next optimizer step and stop), possibly already."""
     settings = get_settings()
     paths = attempt_paths(settings.jobs_dir, job_id, attempt)
     plan = json.loads(paths["plan.json"].read_text())
 
-    stop = threading.Event()
+    stop = stop or threading.Event()
     signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
-    threading.Thread(target=_watch_parent, args=(supervisor or os.getppid(),), daemon=True).start()
 
     sink = DbSink(settings.sqlalchemy_url, job_id, attempt)
     try:
@@ -107,6 +158,8 @@ def run_attempt(job_id: str, attempt: int, supervisor: int | None = None) -> int
         _configure_threads(settings.worker_concurrency)
         from core.engine import RunPaths, run  # torch: only in this process
 
+        if timing is not None:
+            sink.event(_ready_message(timing), data={"timings": timing})
         run_paths = RunPaths(
             model=plan["model"],
             train_file=Path(files["training_file"]),
@@ -116,7 +169,8 @@ def run_attempt(job_id: str, attempt: int, supervisor: int | None = None) -> int
             resume_from=Path(plan["resume_from"]) if plan.get("resume_from") else None,
             init_from=Path(plan["init_from"]) if plan.get("init_from") else None,
         )
-        result = run(spec, run_paths, sink, should_stop=stop.is_set)
+        # No archive: the worker packs it once the job is recorded as succeeded.
+        result = run(spec, run_paths, sink, should_stop=stop.is_set, archive=False)
         sink.flush()
         if getattr(result, "cancelled", False):
             outcome: dict[str, Any] = {"status": "cancelled"}
@@ -143,12 +197,59 @@ def run_attempt(job_id: str, attempt: int, supervisor: int | None = None) -> int
     return code
 
 
+def _ready_message(timing: dict[str, Any]) -> str:
+    if timing["ready_at"] <= timing["assigned_at"]:
+        return (f"Training process ready: started {timing['assigned_at'] - timing['started_at']:.1f} s "
+                "before this job")
+    return (f"Training process ready {timing['ready_at'] - timing['assigned_at']:.1f} s after this job "
+            "reached it")
+
+
+def standby(supervisor: int) -> int:
+    """Get ready, wait for one assignment on stdin, run it.
+
+    A SIGTERM before the assignment is read, with one waiting (a cancel or a deadline reaching a
+    process still importing), stops that attempt at its first optimizer step, with a checkpoint,
+    as it would have later; with nothing waiting (nobody gave this process a job) it just exits.
+    """
+    started_at = time.time()
+    stop = threading.Event()
+
+    def on_sigterm(_sig: int, _frame: Any) -> None:
+        stop.set()
+        if not select.select([sys.stdin], [], [], 0)[0]:
+            os._exit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    threading.Thread(target=_watch_parent, args=(supervisor,), daemon=True).start()
+    warm_up(get_settings().worker_concurrency)
+    ready_at = time.time()
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0  # let go (closed stdin), or the supervisor died (the watcher exits 75 too)
+    received_at = time.time()
+    assignment = json.loads(line)
+    job_id, attempt = str(assignment["job_id"]), int(assignment["attempt"])
+    _send_output_to(attempt_paths(get_settings().jobs_dir, job_id, attempt)["log"])
+    return run_attempt(job_id, attempt, stop=stop, timing={
+        "started_at": started_at, "ready_at": ready_at, "received_at": received_at, "pid": os.getpid(),
+        "assigned_at": float(assignment.get("assigned_at") or received_at)})  # when the supervisor sent it
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[1] == "--standby":
+        return standby(int(argv[2]))
     if len(argv) not in (3, 4):
-        print("usage: python -m worker.child JOB_ID ATTEMPT [SUPERVISOR_PID]", file=sys.stderr)
+        print("usage: python -m worker.child --standby SUPERVISOR_PID\n"
+              "       python -m worker.child JOB_ID ATTEMPT [SUPERVISOR_PID]", file=sys.stderr)
         return 2
-    return run_attempt(argv[1], int(argv[2]), int(argv[3]) if len(argv) == 4 else None)
+    threading.Thread(target=_watch_parent, args=(int(argv[3]) if len(argv) == 4 else os.getppid(),),
+                     daemon=True).start()
+    return run_attempt(argv[1], int(argv[2]))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    code = main(sys.argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # the outcome is on disk: skip the interpreter's teardown of torch

@@ -2,7 +2,8 @@
 supervisor (its lease taken over, or the job already finished) changes nothing.
 
     child result            job status now          ->  new status
-    succeeded               running                     succeeded (Model row, results file)
+    succeeded               running                     succeeded (Model row, results file; the
+                                                        download archive is packed after the commit)
     any                     cancelling                  cancelled
     cancelled               paused                      paused (lease released; resume requeues)
     not succeeded, deadline running                     failed "deadline_exceeded" (checkpoint kept)
@@ -23,9 +24,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from core.export import archive_path_for, ensure_archive
 from lathe.db.queries import add_event
 from lathe.db.session import session_scope
 from lathe.db.tables import (
@@ -141,7 +143,9 @@ def _succeed(session: Session, settings: Settings, job: Job, attempt: int, resul
     spec = job.job_spec()
     name = fine_tuned_model_name(session, job, spec.suffix)
     results_file = _results_file(session, settings, job)
-    archive = Path(result.get("archive_path") or "")
+    model_dir = Path(result["model_dir"]) if result.get("model_dir") else None
+    # Packed after this commit (pack_model_archive) or by the first download, whichever comes first.
+    archive = result.get("archive_path") or (str(archive_path_for(model_dir)) if model_dir else "")
     done = move(
         session, job_id=job.id, source=from_states, target=JobStatus.SUCCEEDED, by=Actor.RUNNER, attempt=attempt,
         fine_tuned_model=name, trained_tokens=result.get("trained_tokens"),
@@ -153,12 +157,41 @@ def _succeed(session: Session, settings: Settings, job: Job, attempt: int, resul
         return ""
     session.add(results_file)
     session.add(Model(id=name, tenant_id=job.tenant_id, job_id=job.id, task=job.task or str(spec.task or ""),
-                      path=str(result.get("model_dir") or ""), archive_path=str(archive),
-                      bytes=archive.stat().st_size if archive.is_file() else 0, created_at=now()))
+                      path=str(model_dir or ""), archive_path=archive, bytes=_stored_bytes(model_dir, archive),
+                      created_at=now()))
     add_event(session, job_id=job.id, attempt=attempt, message=f"New fine-tuned model created: {name}",
               data={"fine_tuned_model": name})
     add_event(session, job_id=job.id, attempt=attempt, message="The job has successfully completed")
     return JobStatus.SUCCEEDED
+
+
+def _stored_bytes(folder: Path | None, archive: str) -> int:
+    """The archive's size; until it exists, what the model's files take (within a few KiB of it)."""
+    if archive and Path(archive).is_file():
+        return Path(archive).stat().st_size
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder and folder.is_dir() else 0
+
+
+def pack_model_archive(settings: Settings, job_id: str) -> Path | None:
+    """Pack the succeeded job's model folder into the archive GET /v1/models/{id}/content serves
+    (core.export.ensure_archive: once, atomically, whoever asks first) and record its size. A
+    failure here is logged, not raised: the job stays succeeded and the first download packs it."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        job = session.get(Job, job_id)
+        model = session.get(Model, job.fine_tuned_model) if job is not None and job.fine_tuned_model else None
+        if model is None or not model.archive_path or not Path(model.path).is_absolute():
+            return None
+        name, folder, archive = model.id, Path(model.path), Path(model.archive_path)
+    try:
+        ensure_archive(folder, archive)
+        size = archive.stat().st_size
+    except OSError:
+        log.exception("job %s: packing %s failed; the first download packs it", job_id, archive)
+        return None
+    with session_scope(settings.sqlalchemy_url) as session:
+        session.execute(update(Model).where(Model.id == name).values(bytes=size)
+                        .execution_options(synchronize_session=False))
+    return archive
 
 
 def step_metrics_csv(session: Session, job_id: str) -> str:

@@ -1,9 +1,14 @@
 """Running one attempt's training child and watching it: the lease heartbeat, cancellation and
-pause by signals to its process group, and reading what it left behind.
+pause by signals to its process group, and reading what it left behind; and the standbys, training
+processes started ahead of their jobs.
 
-Torch-free: this runs inside the Celery worker. The child is `python -m worker.child` in a new
-session (its own process group), so signals reach it and whatever it spawns (data loaders), and a
-Ctrl-C aimed at the worker's terminal does not.
+Torch-free: this runs inside the Celery worker. The child is `python -m worker.child --standby PID`
+in a new session (its own process group), so signals reach it and whatever it spawns (data
+loaders), and a Ctrl-C aimed at the worker's terminal does not. It imports torch, transformers and
+the engine, then waits for its assignment on stdin: a Celery worker keeps one such process ready per
+slot (`Standbys`), started when the worker is ready and again each time a job's slot frees, so a
+job's child has done its imports before the job is claimed. A direct `run_job` call (tests, scripts)
+starts its child for the job, the same way, unless standbys were enabled for its settings.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,7 @@ from sqlalchemy import select, update
 
 from lathe.db.session import session_scope
 from lathe.db.tables import Job, JobStatus
-from lathe.settings import Settings
+from lathe.settings import Settings, get_settings
 from worker.child import attempt_paths, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -69,21 +75,186 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def start_child(settings: Settings, job_id: str, attempt: int, plan: dict[str, Any]) -> subprocess.Popen:
+def spawn_training_process(settings: Settings, output: Path) -> subprocess.Popen:
+    """A `worker.child --standby` process for these settings, in a session of its own, its stdout and
+    stderr appended to `output` (it moves them to the attempt's log once assigned)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "ab") as out:
+        return subprocess.Popen(
+            # Our pid, so that the child notices even a death of ours during its start-up.
+            [sys.executable, "-m", "worker.child", "--standby", str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, env=settings_env(settings), cwd=str(REPO_ROOT),
+        )
+
+
+def _assign(proc: subprocess.Popen, job_id: str, attempt: int) -> bool:
+    """Hand the process its attempt (one line, then EOF); False when it is gone."""
+    try:
+        line = {"job_id": job_id, "attempt": attempt, "assigned_at": time.time()}
+        proc.stdin.write(json.dumps(line).encode() + b"\n")
+        proc.stdin.close()
+        return True
+    except (BrokenPipeError, ValueError, OSError):
+        return False
+
+
+def _discard(proc: subprocess.Popen) -> None:
+    _killpg(proc, signal.SIGKILL)
+    try:
+        proc.stdin.close()
+    except OSError:
+        pass
+    proc.wait()
+
+
+def start_child(settings: Settings, job_id: str, attempt: int, plan: dict[str, Any], *,
+                standby: subprocess.Popen | None = None) -> subprocess.Popen:
+    """The attempt's training process: `standby` (started ahead of the job for these settings) if
+    it is still alive and takes the assignment, else one started now."""
     paths = attempt_paths(settings.jobs_dir, job_id, attempt)
     paths["log"].parent.mkdir(parents=True, exist_ok=True)
     for stale in (paths["result.json"],):
         stale.unlink(missing_ok=True)
     write_json_atomic(paths["plan.json"], plan)
-    with open(paths["log"], "ab") as out:
-        proc = subprocess.Popen(
-            # Our pid, so that the child notices even a death of ours during its start-up.
-            [sys.executable, "-m", "worker.child", job_id, str(attempt), str(os.getpid())],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, env=settings_env(settings), cwd=str(REPO_ROOT),
-        )
+    paths["log"].touch()
+    if standby is not None and (standby.poll() is not None or not _assign(standby, job_id, attempt)):
+        log.warning("job %s: the standby training process %s had died (exit %s); starting another",
+                    job_id, standby.pid, standby.poll())
+        _discard(standby)
+        standby = None
+    proc = standby
+    if proc is None:
+        proc = spawn_training_process(settings, paths["log"])
+        # A process that died at once (a crashing driver) refuses this; supervise reports its exit.
+        _assign(proc, job_id, attempt)
     paths["pid"].write_text(f"{proc.pid}\n")
     return proc
+
+
+def settings_key(settings: Settings) -> str:
+    """What tells one Settings from another (not the rest of the environment, which changes: pytest
+    sets PYTEST_CURRENT_TEST for each phase of a test)."""
+    env = settings_env(settings)
+    return json.dumps({k: v for k, v in env.items() if k.startswith("LATHE_") or k in ("PYTHONPATH", "HF_HUB_OFFLINE")},
+                      sort_keys=True)
+
+
+@dataclass
+class _Standby:
+    proc: subprocess.Popen
+    key: str  # settings_key of the settings it was started for: it serves jobs run with those only
+
+
+@dataclass
+class Standbys:
+    """Training processes started ahead of their jobs, one per slot of this worker
+    (`settings.worker_concurrency`), for the Settings they were enabled with.
+
+    `take` hands a job a live standby started for equal settings (`settings_key`), or None
+    (the job's child starts cold, as a dead standby's job does); `release` after the job starts the
+    slot's next standby, off the job's time. A standby never outlives the worker: it watches the
+    worker's pid and exits when orphaned, `close` kills them, and until assigned it holds no job,
+    lease or file.
+    """
+
+    _settings: Settings | None = None
+    _ready: list[_Standby] = field(default_factory=list)
+    _busy: int = 0  # slots running a job (with a standby or a process started for it)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def enable(self, settings: Settings) -> None:
+        """Keep standbys for `settings` from now on; starts them."""
+        with self._lock:
+            if self._settings is None or settings_key(settings) != settings_key(self._settings):
+                self._stop_all()
+                self._settings, self._busy = settings, 0
+        self._fill()
+
+    def take(self, settings: Settings) -> subprocess.Popen | None:
+        """A live standby for a job run with `settings`, or None; counts a slot as busy until
+        `release(settings)`. Dead standbys found on the way are dropped (the slot's next start
+        replaces them)."""
+        with self._lock:
+            if not self._ours(settings):
+                return None
+            self._busy += 1
+            key = settings_key(settings)
+            for standby in [s for s in self._ready if s.key == key]:
+                self._ready.remove(standby)
+                if standby.proc.poll() is None:
+                    return standby.proc
+                log.warning("standby training process %s died (exit %s); replacing it",
+                            standby.proc.pid, standby.proc.returncode)
+                _discard(standby.proc)
+            return None
+
+    def release(self, settings: Settings) -> None:
+        """The job `take` was called for has ended: start standbys up to one per free slot."""
+        with self._lock:
+            if not self._ours(settings):
+                return
+            self._busy = max(0, self._busy - 1)
+        self._fill()
+
+    def ready(self) -> list[int]:
+        """Pids of the standbys waiting now."""
+        with self._lock:
+            return [s.proc.pid for s in self._ready if s.proc.poll() is None]
+
+    def close(self) -> None:
+        """Kill every standby and keep none from now on."""
+        with self._lock:
+            self._stop_all()
+            self._settings, self._busy = None, 0
+
+    def _ours(self, settings: Settings) -> bool:
+        return self._settings is not None and settings_key(settings) == settings_key(self._settings)
+
+    def _fill(self) -> None:
+        with self._lock:
+            settings = self._settings
+            if settings is None:
+                return
+            key = settings_key(settings)
+            for standby in list(self._ready):
+                if standby.proc.poll() is not None or standby.key != key:
+                    if standby.proc.returncode is not None:
+                        log.warning("standby training process %s died (exit %s); replacing it",
+                                    standby.proc.pid, standby.proc.returncode)
+                    self._ready.remove(standby)
+                    _discard(standby.proc)
+            while len(self._ready) + self._busy < settings.worker_concurrency:
+                # Its output until assigned (import warnings, a crash while importing) goes to standby.log.
+                proc = spawn_training_process(settings, settings.jobs_dir / "standby.log")
+                self._ready.append(_Standby(proc, key))
+
+    def _stop_all(self) -> None:
+        for standby in self._ready:
+            _discard(standby.proc)
+        self._ready.clear()
+
+
+standbys = Standbys()  # this worker process's
+
+
+def _celery_worker_ready(**_: Any) -> None:
+    standbys.enable(get_settings())
+
+
+def _celery_worker_shutdown(**_: Any) -> None:
+    standbys.close()
+
+
+def connect_to_celery() -> None:
+    """Standbys in a Celery worker process: started when it is ready, killed when it shuts down."""
+    from celery.signals import worker_ready, worker_shutdown
+
+    worker_ready.connect(_celery_worker_ready, weak=False)
+    worker_shutdown.connect(_celery_worker_shutdown, weak=False)
+
+
+connect_to_celery()
 
 
 def heartbeat(settings: Settings, job_id: str, attempt: int) -> str | None:

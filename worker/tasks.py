@@ -29,8 +29,8 @@ from lathe.lifecycle import Actor, claim_job, move
 from lathe.model_source import resolve_model
 from lathe.queue import publish_run
 from lathe.settings import Settings, get_settings
-from worker.finalise import fail, finalise
-from worker.supervisor import start_child, supervise
+from worker.finalise import fail, finalise, pack_model_archive
+from worker.supervisor import standbys, start_child, supervise
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,14 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
         add_event(session, job_id=job_id, attempt=attempt, message=message, data={"attempt": attempt, **plan})
 
     log.info("job %s: attempt %s starts (model %s, resume %s)", job_id, attempt, model, plan["resume_from"])
-    proc = start_child(settings, job_id, attempt, plan)
-    done = supervise(settings, job_id, attempt, proc, deadline=deadline)
-    status = finalise(settings, job_id, attempt, done)
+    standby = standbys.take(settings)  # a training process that has done its imports, if one waits
+    try:
+        proc = start_child(settings, job_id, attempt, plan, standby=standby)
+        done = supervise(settings, job_id, attempt, proc, deadline=deadline)
+        status = finalise(settings, job_id, attempt, done)
+    finally:
+        standbys.release(settings)  # the slot's next standby imports while the archive is packed
     log.info("job %s: attempt %s ended (exit %s) -> %s", job_id, attempt, done.returncode, status or "not ours")
+    if status == JobStatus.SUCCEEDED:  # after the commit: the job is done, the download is not yet packed
+        pack_model_archive(settings, job_id)
     return status
