@@ -176,20 +176,21 @@ def attempt_of(pid_file: Path) -> tuple[str, int]:
 
 
 def training_process(pid: int, pid_file: Path) -> bool:
-    """Whether `pid` is still the live `python -m worker.child JOB ATTEMPT` the pid file names
-    (not a zombie, not a reused pid)."""
+    """Whether `pid` is still the live training process the pid file names (not a zombie, not a
+    reused pid): `python -m worker.child JOB ATTEMPT SUPERVISOR_PID` started for the attempt, or a
+    `worker.child --standby WORKER_PID` started ahead of it and handed the attempt (its pid file is
+    written at the hand-over, so the process must be older than the file)."""
     job_id, attempt = attempt_of(pid_file)
     try:
         proc = psutil.Process(pid)
         cmd = proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        alive = proc.status() != psutil.STATUS_ZOMBIE
+        older = proc.create_time() <= pid_file.stat().st_mtime + 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
         return False
-    # `python -m worker.child JOB ATTEMPT SUPERVISOR_PID`: match the module and its first two arguments.
     named = any(cmd[i:i + 3] == ["worker.child", job_id, str(attempt)] for i in range(len(cmd)))
-    try:
-        return named and proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+    standby = any(cmd[i:i + 2] == ["worker.child", "--standby"] for i in range(len(cmd)))
+    return alive and older and (named or standby)
 
 
 class Monitor:

@@ -11,10 +11,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from core.errors import EngineError
 from core.sink import MetricsSink
-from core.spec import JobSpec
+from core.spec import JobSpec, TrainingConfig
+
+if TYPE_CHECKING:
+    from core.adapters.base import TaskAdapter
 
 
 @dataclass
@@ -269,3 +273,21 @@ def build_callbacks(
         )
     callbacks += [ProgressReporter(sink, every_steps=10), StopRequest(should_stop)]
     return callbacks
+
+
+def check_metrics(adapter: TaskAdapter, cfg: TrainingConfig) -> tuple[str, bool]:
+    """(metric_for_best_model, whether larger is better), checked against what the task reports.
+
+    Raises:
+        EngineError: metric_for_best_model or early_stopping.metric is not one of the task's metrics.
+    """
+    checks = [("config.metric_for_best_model", cfg.metric_for_best_model)]
+    if cfg.early_stopping is not None and cfg.early_stopping.metric is not None:
+        checks.append(("config.early_stopping.metric", cfg.early_stopping.metric))
+    for param, name in checks:
+        if name not in adapter.metrics:
+            raise EngineError(
+                f"{name!r} is not a metric of this {adapter.task} job; choose one of {', '.join(adapter.metrics)}.",
+                param=param,
+            )
+    return cfg.metric_for_best_model, adapter.metrics[cfg.metric_for_best_model]

@@ -11,7 +11,6 @@ callback acting through the Control flags.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,11 +18,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from core.adapters import DataFiles, Split, TaskAdapter, TaskData, adapter_for
-from core.callbacks import Callback, Control, TrainState, build_callbacks
+from core.callbacks import Callback, Control, TrainState, build_callbacks, check_metrics
 from core.checkpoint import (
     TrainingParts,
     checkpoint_name,
@@ -40,10 +38,10 @@ from core.export import export_model, pack_archive, reproducibility_record
 from core.freezing import GradualUnfreezing
 from core.layers import LayerMap
 from core.optim import build_optimizer, clip_gradients, decayed_parameters, l1_penalty
-from core.sampling import BatchSampler, batch_rng
+from core.sampling import BatchSampler, batch_rng, seed_everything
 from core.schedules import build_scheduler
 from core.sink import MetricsSink
-from core.spec import JobSpec, Task, TrainingConfig
+from core.spec import JobSpec, Task
 from core.surgery import prepare_model
 
 KEEP_LAST_CHECKPOINTS = 2
@@ -349,30 +347,6 @@ def _first_step_event(sink: MetricsSink, step: int, t: dict[str, float]) -> None
         ("processor", "data", "model", "before the loop", "step"), SETUP_TIMES, SETUP_TIMES[1:]))
     sink.event(f"First optimizer step (step {step}) {t['first_step'] - t['engine_started']:.1f} s after the "
                f"engine started: {parts}.", data={"timings": t})
-
-
-def check_metrics(adapter: TaskAdapter, cfg: TrainingConfig) -> tuple[str, bool]:
-    """(metric_for_best_model, whether larger is better), checked against what the task reports.
-
-    Raises:
-        EngineError: metric_for_best_model or early_stopping.metric is not one of the task's metrics.
-    """
-    checks = [("config.metric_for_best_model", cfg.metric_for_best_model)]
-    if cfg.early_stopping is not None and cfg.early_stopping.metric is not None:
-        checks.append(("config.early_stopping.metric", cfg.early_stopping.metric))
-    for param, name in checks:
-        if name not in adapter.metrics:
-            raise EngineError(
-                f"{name!r} is not a metric of this {adapter.task} job; choose one of {', '.join(adapter.metrics)}.",
-                param=param,
-            )
-    return cfg.metric_for_best_model, adapter.metrics[cfg.metric_for_best_model]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # all devices
 
 
 def _describe(spec: JobSpec, task: Task, data: TaskData, model: torch.nn.Module, device, precision: Precision) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import torch
 
 MEGABATCH_FACTOR = 50  # transformers' LengthGroupedSampler default
 
@@ -63,3 +64,9 @@ def batch_rng(seed: int, epoch: int, batch: int) -> np.random.Generator:
     """The random source of one training batch's augmentation: a function of its position only,
     so that a resumed run draws exactly what an uninterrupted one would."""
     return np.random.default_rng([seed, epoch, batch])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # all devices

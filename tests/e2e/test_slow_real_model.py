@@ -63,6 +63,7 @@ def test_minilm_learns_sms_spam_and_exports_a_loadable_classifier(minilm, sms_sp
 
     before, after = result.metrics["baseline_test"], result.metrics["test"]
     summary = f"baseline {before['accuracy']:.4f}/{before['f1_macro']:.4f}, after {after['accuracy']:.4f}/{after['f1_macro']:.4f}"
+    print(f"\nsms_spam (512 rows, 1 epoch): accuracy/macro-F1 {summary}")
     # Accuracy alone is weak here (87.6% of the test set is ham); macro-F1 shows spam is found.
     assert after["accuracy"] >= 0.95, summary
     assert after["f1_macro"] >= 0.85, summary
