@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from core.callbacks import Callback, TrainState
+from core.durable import fsync_path
 from core.errors import EngineError
 
 MODEL_FILE = "model.safetensors"
@@ -71,12 +72,12 @@ def save_checkpoint(root: Path, parts: TrainingParts) -> Path:
     }
     (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
     for file in tmp.iterdir():
-        _fsync(file)
-    _fsync(tmp)
+        fsync_path(file)
+    fsync_path(tmp)
     if final.exists():  # a rerun of the same step after a crash: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     return final
 
 
@@ -180,11 +181,3 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from core.durable import fsync_path, fsync_tree
 from core.spec import JobSpec, LoraConfig
 
 ARCHIVE_NAME = "model.tar"
@@ -90,12 +91,12 @@ def export_model(
     job = {"spec": spec.model_dump(mode="json"), "hyperparameters": hyperparameters, "reproducibility": record}
     (tmp / "lathe_job.json").write_text(json.dumps(job, indent=2))
     (tmp / "eval_report.json").write_text(json.dumps(report | {"reproducibility": record}, indent=2))
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if model_dir.exists():  # an earlier attempt's export, and the archive packed from it
         shutil.rmtree(model_dir)
     archive_path_for(model_dir).unlink(missing_ok=True)
     os.replace(tmp, model_dir)
-    _fsync_dir(model_dir.parent)
+    fsync_path(model_dir.parent)
     return model_dir
 
 
@@ -142,27 +143,6 @@ def ensure_archive(model_dir: Path, archive_path: Path) -> Path:
         if not archive_path.is_file():
             pack_archive(model_dir, archive_path)
     return archive_path
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:

@@ -16,36 +16,19 @@ import math
 import re
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lathe.db.tables import JobStatus
 from tests.e2e.crash_harness import Stack, kill_group, wait_for
-from tests.tiny_models import save_tiny_bert, sentiment_rows, write_text_dataset
+from tests.tiny_models import sentiment_rows, write_text_dataset
 from tests.worker.conftest import make_job
 from worker.tasks import CHECKPOINT_FILES, checkpoint_complete
 
 pytestmark = pytest.mark.timeout(180)
 
 RESUMED = re.compile(r"Fine-tuning job resumed \(attempt (\d+)\) from the checkpoint at step (\d+)")
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("base-models")
-    save_tiny_bert(root / "tiny-bert")
-    return root
-
-
-@pytest.fixture
-def stack(tmp_path, models_dir) -> Iterator[Stack]:
-    s = Stack(tmp_path, models_dir)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def training_job(stack: Stack, *, rows: int = 240, every: int = 5, **kwargs) -> str:

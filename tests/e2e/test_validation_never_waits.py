@@ -9,8 +9,6 @@ worker` in a session of its own, a tiny BERT trained in a real `worker.child`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -18,26 +16,10 @@ from lathe.db.tables import JobStatus
 from lathe.queue import VALIDATE_TASK, Publisher, publish_validate, validate_queue
 from tests.e2e.crash_harness import Stack, wait_for
 from tests.hub_stub import ClosedPort
-from tests.tiny_models import save_tiny_bert, sentiment_rows
+from tests.tiny_models import sentiment_rows
 from tests.worker.conftest import make_job
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("base-models")
-    save_tiny_bert(root / "tiny-bert")
-    return root
-
-
-@pytest.fixture
-def stack(tmp_path, models_dir) -> Iterator[Stack]:
-    s = Stack(tmp_path, models_dir)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def busy_slot(stack: Stack) -> str:
