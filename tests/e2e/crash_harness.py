@@ -25,11 +25,11 @@ import httpx
 import redis
 from sqlalchemy import select
 
-from lathe.db.tables import Base, Checkpoint, Event, Job, JobStatus, Metric
 from lathe.db.session import engine_for, session_scope
+from lathe.db.tables import Base, Checkpoint, Event, Job, JobStatus, Metric
+from lathe.queue import publish_run
 from lathe.settings import Settings
 from lathe.stack import free_port, redis_command, wait_for_port
-from lathe.queue import publish_run
 from worker.supervisor import settings_env
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -52,9 +52,9 @@ class Service:
 
     def prepare(self) -> str:
         """Schema (the Alembic migrations, as the server runs them) and an API key, in the tmp DB."""
-        from lathe.keys import create_key
         from lathe.db.migrate import upgrade
         from lathe.db.session import engine_for, session_scope
+        from lathe.keys import create_key
 
         url = f"sqlite:///{self.data_dir / 'lathe.db'}"
         self.data_dir.mkdir(parents=True)

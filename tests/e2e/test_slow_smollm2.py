@@ -52,9 +52,9 @@ def alpaca(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_smollm2_masks_its_chat_template_to_the_response(smollm2, alpaca):
+    from core.adapters.causal_lm import IGNORE, CausalLM, encode
     from core.datasets import chat
     from core.spec import TrainingConfig
-    from core.adapters.causal_lm import IGNORE, CausalLM, encode
 
     spec = JobSpec(task="causal-lm", model=str(smollm2), training_file="train.jsonl")
     tokenizer = CausalLM(spec).load_processor(str(smollm2))
@@ -93,9 +93,9 @@ def test_smollm2_lora_lowers_alpaca_perplexity(smollm2, alpaca, tmp_path):
     assert (result.model_dir / "model.safetensors").is_file()
     import torch
 
-    from core.device import resolve_precision
     from core.adapters import DataFiles
     from core.adapters.causal_lm import CausalLM
+    from core.device import resolve_precision
 
     adapter = CausalLM(spec.model_copy(update={"model": str(result.model_dir), "config": spec.config.model_copy(
         update={"lora": None, "packing": False})}))
