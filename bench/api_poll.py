@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,12 +47,6 @@ sys.path.insert(0, str(ROOT))
 JOB_PATH = "/v1/fine_tuning/jobs/{job_id}"
 CSV = "text,label\n" + "".join(f"example {i} is {'good' if i % 2 else 'bad'},{'pos' if i % 2 else 'neg'}\n"
                                for i in range(40))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the servers (run as `api_poll.py --serve lathe|bare` in their own processes) -------------------
@@ -135,23 +128,11 @@ def serve(kind: str, port: int, body_file: str | None, profile_out: str | None) 
 
 # --- the bench ------------------------------------------------------------------------------------
 
-def _wait_healthy(proc: subprocess.Popen, base: str, what: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{what} did not start in 60 s")
-
-
 def _start(kind: str, env: dict[str, str], *, root: Path = ROOT, body_file: Path | None = None,
            profile_out: Path | None = None) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    from lathe.stack import free_port, wait_until_ready
+
+    port = free_port()
     cmd = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--root", str(root)]
     if body_file:
         cmd += ["--body-file", str(body_file)]
@@ -159,7 +140,7 @@ def _start(kind: str, env: dict[str, str], *, root: Path = ROOT, body_file: Path
         cmd += ["--profile-out", str(profile_out)]
     proc = subprocess.Popen(cmd, env=env, cwd=root)
     base = f"http://127.0.0.1:{port}"
-    _wait_healthy(proc, base, kind)
+    wait_until_ready(proc, f"{base}/healthz", timeout=60, what=kind)
     return proc, base
 
 
@@ -262,9 +243,9 @@ def _short(file: str) -> str:
 
 
 def _start_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    from lathe.stack import redis_command
+    from lathe.stack import free_port, redis_command
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(redis_command(data_dir, port))
     import redis
 

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -109,12 +108,11 @@ class Service:
     """`lathe serve` on a free port with its own data folder, and an openai client for it."""
 
     def __init__(self, data_dir: Path, *, poll: float):
-        import httpx
         from openai import OpenAI
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        from lathe.stack import free_port, wait_until_ready  # not at the top: the Trainer side imports none of Lathe
+
+        port = free_port()
         data_dir.mkdir(parents=True)
         self.log = data_dir.parent / "serve.log"
         env = {**os.environ, "LATHE_DATA_DIR": str(data_dir)}
@@ -123,18 +121,8 @@ class Service:
                                          env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                          start_new_session=True)
         self.base = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"lathe serve exited with {self.proc.returncode}; see {self.log}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"lathe serve did not become ready; see {self.log}")
-            time.sleep(0.25)
+        wait_until_ready(self.proc, f"http://127.0.0.1:{port}/readyz", timeout=300,
+                         what=f"lathe serve (log: {self.log})")
         self.key = (data_dir / "dev-key").read_text().strip()
         self.client = OpenAI(base_url=self.base, api_key=self.key)
         self.poll = poll

