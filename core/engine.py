@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from core.adapters import DataFiles, Split, TaskAdapter, TaskData, adapter_for
+from core.cache import InputCache
 from core.callbacks import Callback, Control, TrainState, build_callbacks, check_metrics
 from core.checkpoint import (
     TrainingParts,
@@ -37,6 +38,7 @@ from core.errors import EngineError, OutOfMemoryError
 from core.export import export_model, pack_archive, reproducibility_record
 from core.freezing import GradualUnfreezing
 from core.layers import LayerMap
+from core.loading import cached_source
 from core.optim import build_optimizer, clip_gradients, decayed_parameters, l1_penalty
 from core.sampling import BatchSampler, batch_rng, seed_everything
 from core.schedules import build_scheduler
@@ -98,6 +100,7 @@ def run(
     should_stop: Callable[[], bool] = lambda: False,
     callbacks: Sequence[Callback] = (),
     archive: bool = True,
+    cache: InputCache | None = None,
 ) -> RunResult:
     """Fine-tune `paths.model` on the job's data, reporting to `sink`, and export the result.
 
@@ -109,6 +112,7 @@ def run(
         callbacks: extra callbacks, run after the built-in ones.
         archive: pack the exported folder into a tar (`archive_path`); the service packs it
             itself once the job is recorded (core.export.ensure_archive).
+        cache: where prepared inputs are kept for later runs on the same ones (core.cache).
 
     Returns:
         A RunResult; when cancelled, nothing is exported (model_dir and archive_path are None).
@@ -120,7 +124,7 @@ def run(
         EngineError: anything else wrong with the request (unsupported task, bad checkpoint, ...).
     """
     try:
-        return _run(spec, paths, sink, should_stop, list(callbacks), archive)
+        return _run(spec, paths, sink, should_stop, list(callbacks), archive, cache)
     except EngineError:
         raise
     except BaseException as e:
@@ -133,11 +137,11 @@ def run(
         raise
 
 
-def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_callbacks, archive) -> RunResult:
+def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_callbacks, archive, cache) -> RunResult:
     # Setup: what is trained (the job), then the loop's parts, then where it starts from.
     cfg = spec.config
     started = time.time()
-    job = build_job(spec, paths, sink)
+    job = build_job(spec, paths, sink, cache)
     model, data, adapter, device, precision = job.model, job.data, job.adapter, job.device, job.precision
     batch_size, n_epochs, accum = spec.batch_size(len(data.train)), spec.n_epochs(), cfg.gradient_accumulation_steps
     sampler = BatchSampler(data.train.lengths, batch_size=batch_size, seed=spec.seed, group_by_length=cfg.group_by_length)
@@ -229,9 +233,11 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
     return finish(spec, paths, sink, job, state, evaluate, record, archive=archive)
 
 
-def build_job(spec: JobSpec, paths: RunPaths, sink: MetricsSink) -> Job:
+def build_job(spec: JobSpec, paths: RunPaths, sink: MetricsSink, cache: InputCache | None = None) -> Job:
     """Seed, device and precision; the task's adapter, processor and data; the model, prepared as
     the spec asks (core.surgery), started from `paths.init_from`'s weights if given, on the device.
+    With a `cache`, what the same inputs made before is reused (core.cache): a GGUF model's
+    dequantized weights, each split's encoding.
 
     Raises:
         DataError, ModelError, EngineError: as `run`.
@@ -241,19 +247,25 @@ def build_job(spec: JobSpec, paths: RunPaths, sink: MetricsSink) -> Job:
     precision = resolve_precision(cfg, device)
     seed_everything(spec.seed)
     task = spec.task or infer_task(paths.train_file, cfg)
-    adapter = adapter_for(task, spec)
-    processor = adapter.load_processor(paths.model)
-    timings = {"processor_loaded": time.time()}
-    data = adapter.prepare(paths.data_files(), processor)
-    timings["data_ready"] = time.time()
-    metric, greater_is_better = check_metrics(adapter, cfg)
-    model = adapter.build_model(paths.model, data, processor)
+    adapter = adapter_for(task, spec, cache=cache)
+    seen = (len(cache.hits), len(cache.misses)) if cache is not None else (0, 0)
+    with cached_source(paths.model, cache) as source:
+        processor = adapter.load_processor(source)
+        timings = {"processor_loaded": time.time()}
+        data = adapter.prepare(paths.data_files(), processor)
+        timings["data_ready"] = time.time()
+        metric, greater_is_better = check_metrics(adapter, cfg)
+        model = adapter.build_model(source, data, processor)
     model, layers, frozen = prepare_model(model, cfg, task=task)
     if paths.init_from is not None and paths.resume_from is None:
         start_from_checkpoint(Path(paths.init_from), model, task=task, labels=data.labels)
         sink.event(f"Starting from the weights of checkpoint {Path(paths.init_from).name}.")
     model.to(device)
     timings["model_ready"] = time.time()
+    if cache is not None and (len(cache.hits), len(cache.misses)) != seen:
+        hits, misses = cache.hits[seen[0]:], cache.misses[seen[1]:]
+        sink.event(f"Input cache: {len(hits)} of {len(hits) + len(misses)} prepared inputs reused"
+                   + "".join(f"; {k} made" for k in misses) + ".", data={"cache": {"hits": hits, "misses": misses}})
     sink.event(_describe(spec, task, data, model, device, precision), data=_balance(data))
     return Job(task, adapter, processor, data, model, layers, frozen, device, precision, metric, greater_is_better,
                timings)

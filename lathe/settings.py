@@ -33,6 +33,12 @@ class Settings(BaseSettings):
         "job is refused with model_not_found; 0: no probe (assume it is reachable)."))
     hub_probe_cache_seconds: float = Field(60.0, ge=0, description=(
         "How long a process keeps the hub probe's answer (reachable or not) before it probes again."))
+    cache_dir: Path | None = Field(None, description=(
+        "A worker's cache of prepared inputs, keyed by content: GGUF models dequantized to safetensors, "
+        "tokenized texts and decoded images; a later job on the same model or data (a retry, a search "
+        "trial) reuses them. Default: data_dir/cache."))
+    cache_max_bytes: int = Field(20 * 1024**3, ge=0, description=(
+        "Size bound of the input cache; least recently used entries go first; 0 turns the cache off."))
     max_attempts: int = Field(3, ge=1, description="Tries per job before it fails with worker_lost.")
     lease_seconds: int = Field(120, ge=5, description="How long a claim on a job lasts without a heartbeat.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker renews its lease.")
@@ -90,6 +96,10 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.resolved_data_dir / "jobs"
+
+    @property
+    def input_cache_dir(self) -> Path:
+        return self.cache_dir.expanduser().resolve() if self.cache_dir else self.resolved_data_dir / "cache"
 
     @property
     def models_store(self) -> Path:

@@ -11,6 +11,9 @@ slots: it consumes LATHE_QUEUE, where `lathe.run_job` goes. `ValidationPool`, a 
 on a channel of its own, with a prefetch of LATHE_VALIDATE_CONCURRENCY and a thread pool of that
 size, so a file check never waits for a training slot and never takes one. Being part of the worker
 process, it starts, stops (warm shutdown: validations in flight finish) and dies with it.
+
+The worker's standby training processes (`worker.supervisor.standbys`) start when the worker is
+ready and are killed when it shuts down.
 """
 
 from __future__ import annotations
@@ -21,17 +24,29 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from celery import bootsteps
+from celery.signals import worker_ready, worker_shutdown
 from kombu.common import ignore_errors
 from kombu import Consumer, Exchange, Message, Queue
 
 from lathe.queue import RUN_TASK, VALIDATE_TASK, publisher_for, validate_queue
 from lathe.settings import get_settings
 from worker import tasks
+from worker.supervisor import standbys
 
 log = logging.getLogger(__name__)
 
 app = publisher_for(get_settings()).celery  # lathe.queue.make_celery: the one configuration
 app.conf.worker_pool = "threads"
+
+
+@worker_ready.connect(weak=False)
+def start_standbys(**_: Any) -> None:
+    standbys.enable(get_settings())
+
+
+@worker_shutdown.connect(weak=False)
+def stop_standbys(**_: Any) -> None:
+    standbys.close()
 
 
 @app.task(name=VALIDATE_TASK, ignore_result=True)

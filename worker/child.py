@@ -89,13 +89,22 @@ def _configure_threads(concurrency: int) -> None:
     torch.set_num_threads(max(1, cpus // max(1, concurrency)))
 
 
-# Imported before the job arrives: what every job needs before its own data and model. The model
-# classes transformers resolves by name at load time are imported for the common encoder families.
+# Imported before the job arrives: what every job needs before its own data and model. Every task
+# adapter (with what it reads and scores with: pandas, scikit-learn's metrics, the image and chat
+# readers; ~2 s of imports otherwise paid by the job), and the classes transformers resolves by
+# name at load time for the common families.
 WARM_MODULES = (
     "core.engine",
+    "core.adapters.text_classification",
+    "core.adapters.token_classification",
+    "core.adapters.causal_lm",
+    "core.adapters.image_classification",
+    "core.cache",
     "transformers.models.auto.modeling_auto",
     "transformers.models.auto.tokenization_auto",
     "transformers.models.bert.modeling_bert",
+    "transformers.models.bert.tokenization_bert",
+    "transformers.models.llama.modeling_llama",
 )
 
 
@@ -156,6 +165,7 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
                                        ("test_file", spec.test_file))
             }
         _configure_threads(settings.worker_concurrency)
+        from core.cache import InputCache
         from core.engine import RunPaths, run  # torch: only in this process
 
         if timing is not None:
@@ -170,7 +180,8 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
             init_from=Path(plan["init_from"]) if plan.get("init_from") else None,
         )
         # No archive: the worker packs it once the job is recorded as succeeded.
-        result = run(spec, run_paths, sink, should_stop=stop.is_set, archive=False)
+        cache = InputCache(settings.input_cache_dir, settings.cache_max_bytes) if settings.cache_max_bytes else None
+        result = run(spec, run_paths, sink, should_stop=stop.is_set, archive=False, cache=cache)
         sink.flush()
         if getattr(result, "cancelled", False):
             outcome: dict[str, Any] = {"status": "cancelled"}

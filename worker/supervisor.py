@@ -238,25 +238,6 @@ class Standbys:
 standbys = Standbys()  # this worker process's
 
 
-def _celery_worker_ready(**_: Any) -> None:
-    standbys.enable(get_settings())
-
-
-def _celery_worker_shutdown(**_: Any) -> None:
-    standbys.close()
-
-
-def connect_to_celery() -> None:
-    """Standbys in a Celery worker process: started when it is ready, killed when it shuts down."""
-    from celery.signals import worker_ready, worker_shutdown
-
-    worker_ready.connect(_celery_worker_ready, weak=False)
-    worker_shutdown.connect(_celery_worker_shutdown, weak=False)
-
-
-connect_to_celery()
-
-
 def heartbeat(settings: Settings, job_id: str, attempt: int) -> str | None:
     """Extend this attempt's lease; the job's status, or None when the lease is no longer ours."""
     with session_scope(settings.sqlalchemy_url) as session:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from core.cache import InputCache
 from core.spec import JobSpec, Task
 from core.adapters.base import DataFiles, Split, TaskAdapter, TaskData
 
 
-def adapter_for(task: Task, spec: JobSpec) -> TaskAdapter:
-    """The adapter that trains `task` for `spec`."""
+def adapter_for(task: Task, spec: JobSpec, *, cache: InputCache | None = None) -> TaskAdapter:
+    """The adapter that trains `task` for `spec`, encoding through `cache` when given."""
     if task == Task.TEXT_CLASSIFICATION:
         from core.adapters.text_classification import TextClassification as adapter
     elif task == Task.TOKEN_CLASSIFICATION:
@@ -18,7 +19,7 @@ def adapter_for(task: Task, spec: JobSpec) -> TaskAdapter:
         from core.adapters.image_classification import ImageClassification as adapter
     else:
         raise ValueError(f"unknown task {task!r}")
-    return adapter(spec)
+    return adapter(spec, cache=cache)
 
 
 __all__ = ["DataFiles", "Split", "TaskAdapter", "TaskData", "adapter_for"]

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.cache import InputCache
 from core.datasets import DatasetSummary, ParsedFile, parse_files
 from core.device import Precision
 from core.spec import JobSpec, Task
@@ -73,9 +74,18 @@ class TaskAdapter:
 
     task: Task
 
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, *, cache: InputCache | None = None):
         self.spec = spec
         self.config = spec.config
+        self.cache = cache  # given: each split's encoding is computed once per content (core.cache)
+
+    def cached(self, kind: str, key: dict[str, Any], compute: Callable[[], Any], *,
+               dump: Callable[[Any], dict[str, Any]], restore: Callable[[dict[str, Any]], Any]) -> Any:
+        """`compute()`, or its stored result for the same `key` (everything the result depends on:
+        content hashes and options) when the adapter has a cache."""
+        if self.cache is None:
+            return compute()
+        return self.cache.arrays({"kind": kind, "task": str(self.task), **key}, compute, dump=dump, restore=restore)
 
     # --- data ------------------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ Loss: the cross-entropy summed over target tokens; units() counts them, so accum
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from core.adapters.base import Split, TaskAdapter, TaskData
-from core.adapters.causal_data import IGNORE, encode, packed_split
+from core.adapters.causal_data import IGNORE, Encoded, encode, packed_split
+from core.cache import Ragged, digest, processor_fingerprint
 from core.datasets import ParsedFile, chat
 from core.errors import DataError, ModelError
 from core.loading import load_causal_model, load_causal_tokenizer
@@ -37,8 +40,8 @@ class CausalLM(TaskAdapter):
 
     task = Task.CAUSAL_LM
 
-    def __init__(self, spec):
-        super().__init__(spec)
+    def __init__(self, spec, **kwargs):
+        super().__init__(spec, **kwargs)
         # The id padding gets in `collate`; `prepare` sets the tokenizer's. Padding is never attended
         # to nor learned, so any valid id would do.
         self.pad_token_id = 0
@@ -61,8 +64,15 @@ class CausalLM(TaskAdapter):
         self.pad_token_id = processor.pad_token_id if processor.pad_token_id is not None else 0
 
         def encode_split(param: str, conversations: list[chat.Conversation]) -> Split:
-            encoded = encode(processor, conversations, max_length=cfg.max_length, truncation_side=cfg.truncation_side,
-                             train_on_inputs=cfg.train_on_inputs, param=param)
+            options = {"max_length": cfg.max_length, "truncation_side": cfg.truncation_side,
+                       "train_on_inputs": cfg.train_on_inputs}
+            key = {"tokenizer": processor_fingerprint(processor), **options,
+                   "rows": digest(json.dumps([c.shape, c.text, [dataclasses.astuple(m) for m in c.messages]])
+                                  for c in conversations)}
+            encoded = self.cached(
+                "tokenized conversations", key, lambda: encode(processor, conversations, **options, param=param),
+                dump=lambda e: {"input_ids": Ragged(e.input_ids), "labels": Ragged(e.labels), "dropped": e.dropped},
+                restore=lambda parts: Encoded(parts["input_ids"], parts["labels"], parts["dropped"]))
             if not encoded.input_ids:
                 raise DataError(
                     f"No row of the {param.replace('_', ' ')} has a target token left within config.max_length="

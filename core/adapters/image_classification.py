@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from core import metrics as M
 from core.adapters.base import Split, TaskAdapter, TaskData, class_weights
 from core.augment_image import ImageAugmenter, is_identity, processor_pixel_range
+from core.cache import digest, processor_fingerprint
 from core.datasets import ParsedFile
 from core.datasets import images as reader
 from core.errors import EngineError, ModelError
@@ -43,8 +44,8 @@ VALUES_OFF = {"do_rescale": False, "do_normalize": False}  # the processor's res
 class ImageClassification(TaskAdapter):
     task = Task.IMAGE_CLASSIFICATION
 
-    def __init__(self, spec):
-        super().__init__(spec)
+    def __init__(self, spec, **kwargs):
+        super().__init__(spec, **kwargs)
         self.labels: list[str] = []
         self.weights: torch.Tensor | None = None  # class weights, in class-id order
         self.augmenter: ImageAugmenter | None = None  # built by prepare() when augmentation is on
@@ -118,8 +119,17 @@ class ImageClassification(TaskAdapter):
 
     def _encode(self, processor: Any, rows: list[reader.ImageRow], *, param: str) -> list[torch.Tensor]:
         """The held (C, H, W) inputs of `rows`: views of one (N, C, H, W) tensor, uint8 pixels after the
-        processor's resize and crop (float32 processor output when self.pixel_table is None).
-        Images are decoded a chunk at a time to bound the peak memory."""
+        processor's resize and crop (float32 processor output when self.pixel_table is None), once
+        per content through the adapter's cache."""
+        key = {"processor": processor_fingerprint(processor), "uint8": self.pixel_table is not None,
+               "images": digest(row.data for row in rows)}
+        held = self.cached("decoded images", key, lambda: self._decode(processor, rows, param=param),
+                           dump=lambda pixels: {"pixels": pixels}, restore=lambda parts: torch.from_numpy(parts["pixels"]))
+        self._check_shape(held.shape[1:], where=f"{param}: {rows[0].where}")
+        return list(held.unbind(0))
+
+    def _decode(self, processor: Any, rows: list[reader.ImageRow], *, param: str) -> torch.Tensor:
+        """(N, C, H, W): every image decoded and processed, a chunk at a time to bound the peak memory."""
         held: torch.Tensor | None = None
         uint8 = self.pixel_table is not None
         for start in range(0, len(rows), ENCODE_CHUNK):
@@ -132,7 +142,7 @@ class ImageClassification(TaskAdapter):
                 if held is None:
                     held = torch.empty((len(rows), *values.shape), dtype=torch.uint8 if uint8 else torch.float32)
                 held[i].numpy()[...] = _quantised(values) if uint8 else values  # any strides (BGR flips)
-        return list(held.unbind(0))
+        return held
 
     def _check_shape(self, shape: torch.Size, *, where: str) -> None:
         if self.image_shape is None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from core import metrics as M
 from core.adapters.base import Split, TaskAdapter, TaskData, class_weights
+from core.cache import Ragged, digest, processor_fingerprint
 from core.datasets import ParsedFile
 from core.datasets import text as reader
 from core.errors import EngineError
@@ -35,8 +36,8 @@ REGRESSION_LABEL = "value"
 class TextClassification(TaskAdapter):
     task = Task.TEXT_CLASSIFICATION
 
-    def __init__(self, spec):
-        super().__init__(spec)
+    def __init__(self, spec, **kwargs):
+        super().__init__(spec, **kwargs)
         self.problem_type: ProblemType | None = None  # resolved from the training file by prepare()
         self.weights: torch.Tensor | None = None
         self.labels: list[str] = []
@@ -92,9 +93,15 @@ class TextClassification(TaskAdapter):
 
     def _encode(self, tokenizer, texts: list[str], targets: list[Any]) -> Split:
         tokenizer.truncation_side = self.config.truncation_side
-        batch = tokenizer(texts, truncation=True, max_length=self.config.max_length, padding=False)
-        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch]
-        features = {k: list(batch[k]) for k in keys}
+        max_length = self.config.max_length
+
+        def tokenize() -> dict[str, list[list[int]]]:
+            batch = tokenizer(texts, truncation=True, max_length=max_length, padding=False)
+            return {k: list(batch[k]) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+        key = {"tokenizer": processor_fingerprint(tokenizer), "max_length": max_length, "texts": digest(texts)}
+        features = self.cached("tokenized texts", key, tokenize,
+                               dump=lambda f: {k: Ragged(v) for k, v in f.items()}, restore=dict)
         return Split(features=features, targets=targets, lengths=[len(ids) for ids in features["input_ids"]])
 
     def build_model(self, source: str, data: TaskData, processor: Any) -> torch.nn.Module:

@@ -16,6 +16,7 @@ token accuracy over the labelled tokens.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from core.adapters.base import Split, TaskAdapter, TaskData, class_weights
+from core.cache import Ragged, digest, processor_fingerprint
 from core.datasets import ParsedFile
 from core.datasets import tokens as reader
 from core.heads import replace_head
@@ -44,8 +46,8 @@ class TokenSplit(Split):
 class TokenClassification(TaskAdapter):
     task = Task.TOKEN_CLASSIFICATION
 
-    def __init__(self, spec):
-        super().__init__(spec)
+    def __init__(self, spec, **kwargs):
+        super().__init__(spec, **kwargs)
         self.labels: list[str] = []  # tags in id order, from the training file (prepare)
         self.scheme = "IOB2"
         self.weights: torch.Tensor | None = None
@@ -91,22 +93,36 @@ class TokenClassification(TaskAdapter):
         return data
 
     def _encode(self, words: list[list[str]], tag_ids: list[list[int]]) -> TokenSplit:
-        features, targets = self._tokenize(words, tag_ids)
+        features, targets = self._tokenize(words, tag_ids, cached=True)
         return TokenSplit(
             features=features, targets=targets, lengths=[len(x) for x in features["input_ids"]],
             words=words, tag_ids=tag_ids,
         )
 
-    def _tokenize(self, words: list[list[str]], tag_ids: list[list[int]]) -> tuple[dict[str, list], list[list[int]]]:
-        """(model inputs, per-token label ids) of pre-split sentences, truncated to max_length."""
+    def _tokenize(self, words: list[list[str]], tag_ids: list[list[int]], *,
+                  cached: bool = False) -> tuple[dict[str, list], list[list[int]]]:
+        """(model inputs, per-token label ids) of pre-split sentences, truncated to max_length;
+        `cached`: through the adapter's cache (a split's encoding, not an augmented batch's)."""
         tokenizer = self.tokenizer
         tokenizer.truncation_side = self.config.truncation_side
-        batch = tokenizer(
-            words, is_split_into_words=True, truncation=True, max_length=self.config.max_length, padding=False
-        )
-        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch]
-        features = {k: list(batch[k]) for k in keys}
-        targets = [align_labels(batch.word_ids(i), tags) for i, tags in enumerate(tag_ids)]
+        max_length = self.config.max_length
+
+        def tokenize() -> dict[str, list[list[int]]]:
+            batch = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length, padding=False)
+            features = {k: list(batch[k]) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+            # The word of each token, -1 for special tokens (BatchEncoding.word_ids() gives None).
+            features["word_ids"] = [[-1 if w is None else w for w in batch.word_ids(i)] for i in range(len(words))]
+            return features
+
+        if cached:
+            key = {"tokenizer": processor_fingerprint(tokenizer), "max_length": max_length,
+                   "words": digest(json.dumps(sentence) for sentence in words)}
+            features = self.cached("tokenized words", key, tokenize,
+                                   dump=lambda f: {k: Ragged(v) for k, v in f.items()}, restore=dict)
+        else:
+            features = tokenize()
+        word_ids = features.pop("word_ids")
+        targets = [align_labels([None if w < 0 else w for w in ids], tags) for ids, tags in zip(word_ids, tag_ids)]
         return features, targets
 
     def collate(

@@ -107,3 +107,34 @@ def test_smollm2_lora_lowers_alpaca_perplexity(smollm2, alpaca, tmp_path):
     precision = resolve_precision(spec.config, cpu)
     again = adapter.evaluate(exported, data.test, device=cpu, precision=precision, batch_size=32)
     assert again["perplexity"] == pytest.approx(after["perplexity"], rel=2e-2)
+
+
+def test_the_cached_conversion_of_the_gguf_is_the_same_model(smollm2, alpaca, tmp_path):
+    """core.cache keeps the dequantized weights and tokenizer: the same tensors and the same
+    encodings as loading the GGUF itself, and the second job gets them in well under a second."""
+    import torch
+
+    from core.adapters import DataFiles, adapter_for
+    from core.cache import InputCache
+    from core.loading import cached_source, load_causal_model
+
+    spec = JobSpec(task="causal-lm", model=str(smollm2), training_file="train.jsonl")
+    direct_adapter = adapter_for(spec.task, spec)
+    direct_tokenizer = direct_adapter.load_processor(str(smollm2))
+    direct_data = direct_adapter.prepare(DataFiles(alpaca["train"]), direct_tokenizer)
+    direct = load_causal_model(str(smollm2)).state_dict()
+
+    cache = InputCache(tmp_path / "cache", 10**10)
+    with cached_source(str(smollm2), cache):
+        pass
+    started = time.perf_counter()
+    with cached_source(str(smollm2), cache) as folder:
+        adapter = adapter_for(spec.task, spec, cache=cache)
+        data = adapter.prepare(DataFiles(alpaca["train"]), adapter.load_processor(folder))
+        converted = load_causal_model(folder).state_dict()
+    assert time.perf_counter() - started < 5
+    assert cache.hits == ["dequantized gguf"]
+    assert data.train.features["input_ids"] == direct_data.train.features["input_ids"]
+    assert data.train.targets == direct_data.train.targets
+    assert direct.keys() == converted.keys()
+    assert all(torch.equal(direct[k], converted[k]) for k in direct)
