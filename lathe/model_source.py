@@ -213,6 +213,15 @@ def check_hub(settings: Settings, name: str) -> None:
                      param="model", code="model_not_found")
 
 
+def cache_only(settings: Settings, source: ModelSource) -> bool:
+    """Whether a hub model must be loaded from the local cache alone: it is cached and the hub is
+    not there (HF_HUB_OFFLINE, or no answer to the probe). Loading it normally would spend ~10 s
+    per file waiting on the hub before falling back to the same cached files."""
+    if source.kind != "hub" or not in_hub_cache(source.base):
+        return False
+    return hub_offline() or not hub_reachable(settings)
+
+
 def _safe_relative(name: str) -> bool:
     path = PurePosixPath(name)
     return not path.is_absolute() and ".." not in path.parts and "\\" not in name

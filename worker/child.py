@@ -170,6 +170,12 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
 
         if timing is not None:
             sink.event(_ready_message(timing), data={"timings": timing})
+        if plan.get("hub_cache_only"):
+            import huggingface_hub.constants  # read at each request, by transformers too
+
+            huggingface_hub.constants.HF_HUB_OFFLINE = True
+            sink.event(f"The Hugging Face hub does not answer: {plan['model']} is loaded from this worker's "
+                       "local cache only.", level="warning")
         run_paths = RunPaths(
             model=plan["model"],
             train_file=Path(files["training_file"]),

@@ -26,7 +26,7 @@ from lathe.db.session import session_scope
 from lathe.db.tables import Checkpoint, File, Job, JobStatus, now
 from lathe.errors import LatheError
 from lathe.lifecycle import Actor, claim_job, move
-from lathe.model_source import resolve_model
+from lathe.model_source import cache_only, resolve_model
 from lathe.queue import publish_run
 from lathe.settings import Settings, get_settings
 from worker.finalise import fail, finalise, pack_model_archive
@@ -184,7 +184,8 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
         budget = job.job_spec().config.max_runtime_seconds
         deadline = job.started_at + budget if budget else None
         plan: dict[str, Any] = {"model": model, "init_from": init_from,
-                                "resume_from": checkpoint.path if checkpoint else None}
+                                "resume_from": checkpoint.path if checkpoint else None,
+                                "hub_cache_only": cache_only(settings, source)}
         if checkpoint is not None:
             message = f"Fine-tuning job resumed (attempt {attempt}) from the checkpoint at step {checkpoint.step}"
         elif attempt > 1:

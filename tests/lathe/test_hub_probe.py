@@ -186,3 +186,30 @@ def test_run_fails_a_hub_job_before_any_training_child(worker_settings, closed):
     job = get_job(worker_settings, job_id)
     assert job.error["code"] == "model_not_found" and job.attempt == 1
     assert not list((worker_settings.jobs_dir / job_id).glob("attempt-*.log"))  # no child was started
+
+
+def test_a_cached_hub_model_loads_offline_only_when_the_hub_is_away(setup, tmp_path, monkeypatch):
+    from lathe.model_source import ModelSource, cache_only
+
+    settings, _ = setup
+    source = ModelSource("hub", MODEL)
+    assert not cache_only(settings, source)  # not cached: the hub must deliver it (check_hub decides)
+    folder = tmp_path / "hf-cache" / "models--HuggingFaceTB--SmolLM2-135M"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0123abcd")
+    (folder / "snapshots" / "0123abcd").mkdir(parents=True)
+    (folder / "snapshots" / "0123abcd" / "config.json").write_text("{}")
+    hub = StubHub()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    try:
+        assert not cache_only(settings, source)  # the hub answers: a normal load (it may have a newer revision)
+    finally:
+        hub.close()
+    forget_hub_answers()
+    port = ClosedPort()
+    monkeypatch.setenv("HF_ENDPOINT", port.url)
+    try:
+        assert cache_only(settings, source)
+    finally:
+        port.close()
+    assert not cache_only(settings, ModelSource("local", str(tmp_path)))
