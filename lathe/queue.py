@@ -76,12 +76,11 @@ class Publisher:
                 self._celery = make_celery(self.settings)
             return self._celery
 
-    def __call__(self, task_name: str, job_id: str, *, countdown: float | None = None) -> bool:
+    def __call__(self, task_name: str, job_id: str) -> bool:
         """Publish `task_name(job_id)`; call only after the job row is committed. False when the
         broker could not be reached (logged; the sweeper publishes again later)."""
         try:
-            self.celery.send_task(task_name, args=[job_id], queue=queue_for(self.settings, task_name),
-                                  countdown=countdown)
+            self.celery.send_task(task_name, args=[job_id], queue=queue_for(self.settings, task_name))
             return True
         except Exception:  # noqa: BLE001 - the broker being down must not undo a committed change
             log.exception("could not publish %s for %s; the sweeper will publish it again", task_name, job_id)
@@ -110,9 +109,9 @@ def publish_validate(settings: Settings, job_id: str) -> bool:
     return publisher_for(settings)(VALIDATE_TASK, job_id)
 
 
-def publish_run(settings: Settings, job_id: str, *, countdown: float | None = None) -> bool:
+def publish_run(settings: Settings, job_id: str) -> bool:
     """Enqueue `lathe.run_job`; call only after the job row is committed as `queued`."""
-    return publisher_for(settings)(RUN_TASK, job_id, countdown=countdown)
+    return publisher_for(settings)(RUN_TASK, job_id)
 
 
 def retry_backoff(attempt: int, base: float = 5.0) -> float:

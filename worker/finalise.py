@@ -11,6 +11,7 @@ supervisor (its lease taken over, or the job already finished) changes nothing.
     failed, internal error  running                     failed "internal_error" (exit 1: not retried)
     none, exit 1..127       running                     failed "internal_error" (Kubeflow: not retryable)
     none, signal / exit 0   running                     queued again (attempt < max) or failed "worker_lost"
+                                                        (published after the backoff: publish_retry)
     cancelled               running                     queued again (someone else SIGTERMed it)
 """
 
@@ -21,6 +22,7 @@ import hashlib
 import io
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +71,6 @@ def finalise(settings: Settings, job_id: str, attempt: int, done: ChildExit) -> 
     owned the job)."""
     if done.lost:
         return ""
-    requeue = False
     with session_scope(settings.sqlalchemy_url) as session:
         job = session.get(Job, job_id)
         if job is None or job.attempt != attempt:
@@ -119,10 +120,20 @@ def finalise(settings: Settings, job_id: str, attempt: int, done: ChildExit) -> 
         add_event(session, job_id=job_id, attempt=attempt, level="warn",
                   message=f"The training process was lost ({why}); retrying in {delay:.0f}s "
                           f"(attempt {attempt + 1} of {max_attempts}) from the last checkpoint")
-        requeue = True
-    if requeue:  # after the commit, as every publish
-        publish_run(settings, job_id, countdown=delay)
-    return JobStatus.QUEUED
+    return JobStatus.QUEUED  # the caller publishes it after the backoff (`publish_retry`)
+
+
+def publish_retry(settings: Settings, job_id: str, attempt: int) -> None:
+    """Publish the next attempt of a job `finalise` put back to queued, after its backoff.
+
+    The wait happens here, in the slot the lost attempt has just freed (its standby importing
+    meanwhile), not as a Celery countdown: a countdown message is reserved at once by whichever
+    worker fetches it and then waits for that worker's slot, which may be busy with a long job
+    while this one sits idle (the chaos bench saw ~60 s from a child kill to its retry). A worker
+    killed during the wait leaves the job queued without a message: the sweeper publishes it again.
+    """
+    time.sleep(retry_backoff(attempt, settings.retry_backoff_seconds))
+    publish_run(settings, job_id)
 
 
 def _describe(done: ChildExit) -> str:

@@ -29,7 +29,7 @@ from lathe.lifecycle import Actor, claim_job, move
 from lathe.model_source import cache_only, resolve_model
 from lathe.queue import publish_run
 from lathe.settings import Settings, get_settings
-from worker.finalise import fail, finalise, pack_model_archive
+from worker.finalise import fail, finalise, pack_model_archive, publish_retry
 from worker.supervisor import standbys, start_child, supervise
 
 log = logging.getLogger(__name__)
@@ -205,4 +205,6 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
     log.info("job %s: attempt %s ended (exit %s) -> %s", job_id, attempt, done.returncode, status or "not ours")
     if status == JobStatus.SUCCEEDED:  # after the commit: the job is done, the download is not yet packed
         pack_model_archive(settings, job_id)
+    elif status == JobStatus.QUEUED:  # lost to the infrastructure: retried after the backoff
+        publish_retry(settings, job_id, attempt)
     return status

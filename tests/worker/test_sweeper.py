@@ -99,3 +99,16 @@ def test_finalise_is_fenced_on_the_attempt(settings):
     done = ChildExit(returncode=-9, result=None, lost=False, signalled=False)
     assert finalise(settings, job_id, 1, done) == ""
     assert get_job(settings, job_id).status == JobStatus.RUNNING
+
+
+def test_a_retry_is_published_after_its_backoff_in_the_freed_slot(settings, monkeypatch):
+    """No Celery countdown: such a message is reserved by whichever worker fetches it and waits for
+    that worker's slot, however long its job runs. The backoff is waited here, then published."""
+    import worker.finalise as finalise_module
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(finalise_module.time, "sleep", lambda seconds: calls.append(("sleep", seconds)))
+    monkeypatch.setattr(finalise_module, "publish_run", lambda s, job_id: calls.append(("publish", job_id)))
+    settings = settings.model_copy(update={"retry_backoff_seconds": 3.0})
+    finalise_module.publish_retry(settings, "ftjob-x", 2)
+    assert calls == [("sleep", 6.0), ("publish", "ftjob-x")]  # 3 s doubled for the second attempt
