@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TypeVar
+
+import pytest
 
 
 class StubHub:
@@ -62,3 +67,16 @@ class SilentHub:
 
     def close(self) -> None:
         self.sock.close()
+
+
+Hub = TypeVar("Hub", StubHub, ClosedPort, SilentHub)
+
+
+@contextmanager
+def as_hf_endpoint(monkeypatch: pytest.MonkeyPatch, hub: Hub) -> Iterator[Hub]:
+    """`hub` as HF_ENDPOINT (processes started meanwhile inherit it) for the block; closed after."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    try:
+        yield hub
+    finally:
+        hub.close()

@@ -12,17 +12,15 @@ import pytest
 from lathe.db.tables import Job
 from lathe.db.session import session_scope
 from tests.api.test_basics import assert_error
-from tests.hub_stub import ClosedPort
+from tests.hub_stub import ClosedPort, as_hf_endpoint
 
 JOBS = "/v1/fine_tuning/jobs"
 
 
 @pytest.fixture
 def unreachable(monkeypatch) -> Iterator[ClosedPort]:
-    port = ClosedPort()
-    monkeypatch.setenv("HF_ENDPOINT", port.url)
-    yield port
-    port.close()
+    with as_hf_endpoint(monkeypatch, ClosedPort()) as port:
+        yield port
 
 
 def jobs_of(settings) -> list[Job]:

@@ -15,7 +15,7 @@ import pytest
 from lathe.db.tables import JobStatus
 from lathe.queue import VALIDATE_TASK, Publisher, publish_validate, validate_queue
 from tests.e2e.crash_harness import Stack, wait_for
-from tests.hub_stub import ClosedPort
+from tests.hub_stub import ClosedPort, as_hf_endpoint
 from tests.tiny_models import sentiment_rows
 from tests.worker.conftest import make_job
 
@@ -73,17 +73,13 @@ def test_files_are_checked_while_the_only_training_slot_is_busy(stack):
 
 
 def test_a_hub_id_the_hub_cant_deliver_fails_in_validation_at_once(stack, monkeypatch, tmp_path):
-    closed = ClosedPort()
-    monkeypatch.setenv("HF_ENDPOINT", closed.url)  # the worker inherits it
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    try:
+    with as_hf_endpoint(monkeypatch, ClosedPort()):  # the worker inherits it
         stack.worker("a", allow_hub_models=True)
         job_id = make_job(stack.settings, model="HuggingFaceTB/SmolLM2-135M")
         publish_validate(stack.settings, job_id)
         took = timed_status(stack, job_id, JobStatus.FAILED, timeout=15)
-    finally:
-        closed.close()
     job = stack.job(job_id)
     print(f"hub id with no hub reachable: failed in validation {took:.2f}s after the publish")
     assert job.error["code"] == "model_not_found" and job.error["param"] == "model"

@@ -14,7 +14,7 @@ from lathe.db.tables import Base, JobStatus, Tenant, new_id, now
 from lathe.errors import BadRequest
 from lathe.model_source import forget_hub_answers, hub_reachable, resolve_model
 from lathe.settings import Settings
-from tests.hub_stub import ClosedPort, SilentHub, StubHub
+from tests.hub_stub import ClosedPort, SilentHub, StubHub, as_hf_endpoint
 
 MODEL = "HuggingFaceTB/SmolLM2-135M"
 
@@ -30,18 +30,14 @@ def hub_env(monkeypatch, tmp_path) -> Iterator[None]:
 
 @pytest.fixture
 def stub(monkeypatch) -> Iterator[StubHub]:
-    hub = StubHub()
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    yield hub
-    hub.close()
+    with as_hf_endpoint(monkeypatch, StubHub()) as hub:
+        yield hub
 
 
 @pytest.fixture
 def closed(monkeypatch) -> Iterator[ClosedPort]:
-    port = ClosedPort()
-    monkeypatch.setenv("HF_ENDPOINT", port.url)
-    yield port
-    port.close()
+    with as_hf_endpoint(monkeypatch, ClosedPort()) as port:
+        yield port
 
 
 @pytest.fixture
@@ -80,12 +76,8 @@ def test_unreachable_hub_refuses_in_well_under_a_second(setup, closed):
 def test_a_hub_that_never_answers_is_given_up_on_after_the_probe_timeout(setup, monkeypatch):
     settings, tenant_id = setup
     settings = settings.model_copy(update={"hub_probe_seconds": 0.3})
-    silent = SilentHub()
-    monkeypatch.setenv("HF_ENDPOINT", silent.url)
-    try:
+    with as_hf_endpoint(monkeypatch, SilentHub()):
         error, took = refused(settings, tenant_id)
-    finally:
-        silent.close()
     assert error.code == "model_not_found"
     assert 0.3 <= took < 0.8, took
 
@@ -199,17 +191,9 @@ def test_a_cached_hub_model_loads_offline_only_when_the_hub_is_away(setup, tmp_p
     (folder / "refs" / "main").write_text("0123abcd")
     (folder / "snapshots" / "0123abcd").mkdir(parents=True)
     (folder / "snapshots" / "0123abcd" / "config.json").write_text("{}")
-    hub = StubHub()
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    try:
+    with as_hf_endpoint(monkeypatch, StubHub()):
         assert not cache_only(settings, source)  # the hub answers: a normal load (it may have a newer revision)
-    finally:
-        hub.close()
     forget_hub_answers()
-    port = ClosedPort()
-    monkeypatch.setenv("HF_ENDPOINT", port.url)
-    try:
+    with as_hf_endpoint(monkeypatch, ClosedPort()):
         assert cache_only(settings, source)
-    finally:
-        port.close()
     assert not cache_only(settings, ModelSource("local", str(tmp_path)))
