@@ -261,3 +261,14 @@ def test_a_gguf_model_is_converted_once(tmp_path, monkeypatch):
     assert conversions == [str(gguf)] and cache.hits == ["dequantized gguf"]
     with loading.cached_source(str(llama), cache) as source:  # a safetensors folder is used where it is
         assert source == str(llama)
+
+
+def test_a_fingerprint_leaves_the_tokenizer_as_it_found_it(tmp_path):
+    from core.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(save_tiny_bert(tmp_path / "bert")))
+    before = processor_fingerprint(tokenizer)
+    tokenizer(["good movie"], truncation=True, max_length=8, padding="max_length")
+    truncation, padding = tokenizer.backend_tokenizer.truncation, tokenizer.backend_tokenizer.padding
+    assert processor_fingerprint(tokenizer) == before  # the last call's settings are not the tokenizer
+    assert tokenizer.backend_tokenizer.truncation == truncation and tokenizer.backend_tokenizer.padding == padding
