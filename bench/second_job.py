@@ -74,23 +74,14 @@ def main() -> None:
 
 def one_job(service: Service, model: str, training_file: str) -> dict:
     posted = time.time()
-    job = service.client.fine_tuning.jobs.create(
-        model=model, training_file=training_file, seed=42, hyperparameters={"n_epochs": 1, "batch_size": 8},
-        extra_body={"task": "causal-lm", "config": {"max_length": 256, "lora": {"r": 8}}})
-    while job.status not in ("succeeded", "failed", "cancelled"):
-        time.sleep(service.poll)
-        job = service.client.fine_tuning.jobs.retrieve(job.id)
+    job = service.succeeded(model=model, training_file=training_file, seed=42,
+                            hyperparameters={"n_epochs": 1, "batch_size": 8},
+                            extra_body={"task": "causal-lm", "config": {"max_length": 256, "lora": {"r": 8}}})
     done = time.time()
-    if job.status != "succeeded":
-        raise SystemExit(f"job {job.id} {job.status}: {job.error}")
-    t, cache = {}, None
-    for event in service.client.fine_tuning.jobs.list_events(job.id, limit=100):
-        data = event.data if isinstance(event.data, dict) else {}
-        t.update(data.get("timings") or {})
-        cache = data.get("cache", cache)
+    t = service.event_data(job.id, "timings")
     return {"loop": t["setup_done"] - posted, "first_step": t["first_step"] - posted, "total": done - posted,
             "processor": t["processor_loaded"] - t["engine_started"], "data": t["data_ready"] - t["processor_loaded"],
-            "model": t["model_ready"] - t["data_ready"], "cache": cache}
+            "model": t["model_ready"] - t["data_ready"], "cache": service.event_data(job.id, "cache")}
 
 
 if __name__ == "__main__":

@@ -158,16 +158,10 @@ class Service:
         import httpx
 
         posted = time.time()
-        job = self.client.fine_tuning.jobs.create(
-            model=self.model.id, training_file=self.train.id, seed=SEED,
-            hyperparameters={"n_epochs": EPOCHS, "batch_size": BATCH},
-            extra_body={"task": "text-classification", "config": {"max_length": MAX_LENGTH}})
-        while job.status not in ("succeeded", "failed", "cancelled"):
-            time.sleep(self.poll)
-            job = self.client.fine_tuning.jobs.retrieve(job.id)
+        job = self.succeeded(model=self.model.id, training_file=self.train.id, seed=SEED,
+                             hyperparameters={"n_epochs": EPOCHS, "batch_size": BATCH},
+                             extra_body={"task": "text-classification", "config": {"max_length": MAX_LENGTH}})
         succeeded = time.time()
-        if job.status != "succeeded":
-            raise SystemExit(f"job {job.id} {job.status}: {job.error}")
         out.mkdir(parents=True)
         archive = out / "model.tar"
         with httpx.stream("GET", f"{self.base}/models/{job.fine_tuned_model}/content", timeout=600,
@@ -179,10 +173,7 @@ class Service:
             tar.extractall(out / "model", filter="data")
         done = time.time()
 
-        t = {}
-        for event in self.client.fine_tuning.jobs.list_events(job.id, limit=100):  # every page
-            data = event.data if isinstance(event.data, dict) else {}
-            t.update(data.get("timings") or {})
+        t = self.event_data(job.id, "timings")
         need = ("assigned_at", "started_at", "ready_at", "engine_started", "processor_loaded", "data_ready",
                 "model_ready", "first_step", "train_ended", "exported")
         missing = [k for k in need if k not in t]
@@ -204,6 +195,25 @@ class Service:
                 "loop": t["setup_done"] - posted, "training": t["train_ended"] - t["setup_done"],
                 "phases": phases, "model_dir": out / "model", "job": job.id,
                 "pre_started": t["ready_at"] <= t["assigned_at"], "succeeded_after": succeeded - posted}
+
+    def succeeded(self, **create):
+        """POST a job (`create`: the SDK's arguments) and poll it until it ends; the job, which must
+        have succeeded."""
+        job = self.client.fine_tuning.jobs.create(**create)
+        while job.status not in ("succeeded", "failed", "cancelled"):
+            time.sleep(self.poll)
+            job = self.client.fine_tuning.jobs.retrieve(job.id)
+        if job.status != "succeeded":
+            raise SystemExit(f"job {job.id} {job.status}: {job.error}")
+        return job
+
+    def event_data(self, job_id: str, key: str) -> dict:
+        """The `key` dicts of the job's events' data, merged in the order the API lists them (every page)."""
+        merged: dict = {}
+        for event in self.client.fine_tuning.jobs.list_events(job_id, limit=100):
+            data = event.data if isinstance(event.data, dict) else {}
+            merged.update(data.get(key) or {})
+        return merged
 
     def wait_quiet(self, *, timeout: float = 120.0) -> None:
         """Until serve and everything below it use under 5% of a core over a second (a standby's
