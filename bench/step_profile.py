@@ -88,9 +88,9 @@ def main() -> None:
 
     def make(variant: str):
         torch.manual_seed(0)
-        attn = "eager" if variant in ("eager-attn", "both") else None
-        model = adapter.build_model(model_path, data, processor) if attn is None else _with_attention(
-            adapter, model_path, data, processor, attn)
+        model = adapter.build_model(model_path, data, processor)
+        if variant in ("eager-attn", "both"):
+            model.set_attn_implementation("eager")
         optimizer = build_optimizer(model, spec.config.optimizer, lr=5e-5)
         if variant == "foreach-adamw":
             optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01, foreach=True)
@@ -142,12 +142,6 @@ def main() -> None:
     for v in variants:
         med = statistics.median(speeds[v])
         print(f"| {v} | {med:.1f} ({', '.join(f'{x:.1f}' for x in speeds[v])}) | {med / base:.2f}x |")
-
-
-def _with_attention(adapter, model_path, data, processor, implementation: str):
-    model = adapter.build_model(model_path, data, processor)
-    model.set_attn_implementation(implementation)
-    return model
 
 
 def report_profile(prof, wall: float, steps: int, batches) -> None:

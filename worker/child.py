@@ -99,7 +99,6 @@ WARM_MODULES = (
     "core.adapters.token_classification",
     "core.adapters.causal_lm",
     "core.adapters.image_classification",
-    "core.cache",
     "transformers.models.auto.modeling_auto",
     "transformers.models.auto.tokenization_auto",
     "transformers.models.bert.modeling_bert",
