@@ -137,6 +137,10 @@ class FineTuningJob(BaseModel):
     config: dict[str, Any] = Field(description="Lathe: the training toolbox, with defaults filled in.")
     attempt: int = Field(description="Lathe: how many times a worker has started the job (retries after lost workers count).")
     metrics: dict[str, Any] | None = Field(description="Latest, best and test metrics.")
+    parent_job: str | None = Field(None, description="Lathe: the search this job is a trial of, else null.")
+    search: dict[str, Any] | None = Field(None, description=(
+        "Lathe: on a search (config.search), its objective, best_trial and leaderboard `trials` (trial, job, "
+        "params, value, state: running|complete|pruned|cancelled|failed, steps, seconds), best first; else null."))
 
 
 def job_object(job: Job) -> FineTuningJob:
@@ -151,7 +155,16 @@ def job_object(job: Job) -> FineTuningJob:
         metadata=job.job_metadata, method={"type": "supervised", "supervised": {"hyperparameters": hp}},
         user_provided_suffix=spec.suffix, task=job.task or spec.task, test_file=job.test_file,
         config=spec.config.model_dump(mode="json"), attempt=job.attempt, metrics=job.metrics,
+        parent_job=job.parent_job, search=search_object(job.search) if job.search else None,
     )
+
+
+SEARCH_FIELDS = ("objective", "trials_planned", "best_trial", "trials")
+
+
+def search_object(record: dict[str, Any]) -> dict[str, Any]:
+    """The public part of a search's record (lathe.search.orchestrate.board), not its study notes."""
+    return {key: record.get(key) for key in SEARCH_FIELDS}
 
 
 class JobEvent(BaseModel):

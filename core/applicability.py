@@ -80,8 +80,8 @@ OPTIMIZER_NAMES = {"beta1": ("adam", "adamw", "adafactor"), "beta2": ("adam", "a
 SCHEDULER_NAMES = {"num_cycles": ("cosine_with_restarts",), "min_lr_ratio": ("polynomial",), "step_size": ("step",),
                    "gamma": ("step", "exponential"), "plateau_patience": ("reduce_on_plateau",),
                    "plateau_factor": ("reduce_on_plateau",)}
-NEEDS_VALIDATION = ("config.eval_every_steps", "config.metric_for_best_model", "config.early_stopping",
-                    "config.load_best_model_at_end")
+NEEDS_VALIDATION = ("config.eval_every_steps", "config.evaluations_per_epoch", "config.metric_for_best_model",
+                    "config.early_stopping", "config.load_best_model_at_end", "config.search")
 
 
 @dataclass(frozen=True)
@@ -269,6 +269,8 @@ def _option_rules(job: _Job) -> None:
         if sched.name not in schedules:
             job.refuse(f"config.scheduler.{name}", f"applies to scheduler {_names(schedules, 'or')} only; "
                                                    f"this one is {sched.name}.")
+    if cfg.eval_every_steps is not None:
+        job.refuse("config.evaluations_per_epoch", "has no effect: config.eval_every_steps sets when to evaluate.")
     if sched.warmup_steps is not None:
         job.refuse("config.scheduler.warmup_ratio", "has no effect: config.scheduler.warmup_steps sets the warmup.")
     if cfg.device == "cpu" and cfg.precision == "fp16":
@@ -324,8 +326,10 @@ def _metric_rules(job: _Job) -> None:
     if metrics is None:
         return  # any task's metric (core.spec checked the name)
     stopping = job.cfg.early_stopping
+    objective = job.cfg.search.objective.metric if job.cfg.search else None
     for path, name in (("config.metric_for_best_model", job.cfg.metric_for_best_model),
-                       ("config.early_stopping.metric", stopping.metric if stopping else None)):
+                       ("config.early_stopping.metric", stopping.metric if stopping else None),
+                       ("config.search.objective.metric", objective)):
         if name is not None and name not in metrics:
             kind = f"{job.problem_type.value} " if job.task == TEXT and job.problem_type else ""
             job.refuse(path, f"{name!r} is not a metric of this {kind}{job.task} job; choose one of "

@@ -46,6 +46,7 @@ class TrainState:
     baseline_test: dict[str, Any] | None = None
     stopped_early: bool = False
     cancelled: bool = False
+    pruned: bool = False  # a search's pruner stopped the run (core.callbacks.Pruning)
 
     @property
     def fractional_epoch(self) -> float:
@@ -64,12 +65,15 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         # Whether this run was asked to stop belongs to the run, not to the checkpoint: a job
         # paused (checkpoint saved on the request) must train on when it is resumed.
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "cancelled"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUN_ONLY}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
-            if key != "cancelled":
+            if key not in _RUN_ONLY:
                 setattr(self, key, value)
+
+
+_RUN_ONLY = ("cancelled", "pruned")
 
 
 @dataclass
@@ -102,14 +106,21 @@ class Callback:
 
 
 class EvaluationSchedule(Callback):
-    """Evaluate every N optimizer steps, or at each epoch's end when N is None, and at the last step."""
+    """Evaluate every N optimizer steps, or `per_epoch` times per epoch (evenly spaced, the last at
+    the epoch's end) when N is None, and at the last step."""
 
-    def __init__(self, every_steps: int | None):
+    def __init__(self, every_steps: int | None, per_epoch: int | None = None):
         self.every_steps = every_steps
+        self.per_epoch = per_epoch or 1
 
     def on_step_end(self, state: TrainState, control: Control) -> None:
-        every = self.every_steps or state.steps_per_epoch
-        if state.step % every == 0 or state.step == state.max_steps:
+        if self.every_steps:
+            due = state.step % self.every_steps == 0
+        else:
+            per_epoch = state.steps_per_epoch
+            marks = {max(1, round(per_epoch * k / self.per_epoch)) for k in range(1, self.per_epoch + 1)}
+            due = (state.step % per_epoch or per_epoch) in marks
+        if due or state.step == state.max_steps:
             control.should_evaluate = True
 
 
@@ -236,6 +247,29 @@ class StopRequest(Callback):
             control.should_stop = True
 
 
+class Pruning(Callback):
+    """A search's trial: after each evaluation, `should_prune(evaluation, step, metrics)` (evaluation:
+    how many this run has made, the resource a pruner compares trials at) says whether to stop.
+    A pruned run stops there, saves nothing more and exports nothing."""
+
+    def __init__(self, should_prune: Callable[[int, int, dict[str, float]], bool]):
+        self.should_prune = should_prune
+        self.evaluations = 0
+
+    def on_evaluate(self, state: TrainState, control: Control, metrics: dict[str, float]) -> None:
+        self.evaluations += 1
+        if self.should_prune(self.evaluations, state.step, metrics):
+            state.pruned = True
+            control.should_save = False
+            control.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"evaluations": self.evaluations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.evaluations = state["evaluations"]
+
+
 __all__ = [
     "Callback",
     "CheckpointSchedule",
@@ -243,6 +277,7 @@ __all__ = [
     "EarlyStopping",
     "EvaluationSchedule",
     "ProgressReporter",
+    "Pruning",
     "StopRequest",
     "TrainState",
 ]
@@ -259,7 +294,7 @@ def build_callbacks(
     """
     cfg = spec.config
     callbacks: list[Callback] = [
-        EvaluationSchedule(cfg.eval_every_steps),
+        EvaluationSchedule(cfg.eval_every_steps, cfg.evaluations_per_epoch),
         CheckpointSchedule(cfg.checkpoint_every_steps, keep_best=cfg.load_best_model_at_end and has_validation),
     ]
     stopping = cfg.early_stopping

@@ -72,6 +72,7 @@ class RunResult:
     metrics: dict  # {"latest", "best", "test", "baseline_test"}
     stopped_early: bool
     cancelled: bool
+    pruned: bool = False  # stopped by a search's pruner: nothing exported
 
 
 @dataclass
@@ -313,6 +314,9 @@ def finish(spec: JobSpec, paths: RunPaths, sink: MetricsSink, job: Job, state: T
     if state.cancelled:
         sink.event(f"Stopped at step {state.step} on request; checkpoint saved, nothing exported.")
         return RunResult(None, None, state.trained_tokens, hyperparameters, metrics, state.stopped_early, True)
+    if state.pruned:
+        sink.event(f"Pruned at step {state.step}: the search's pruner stopped this trial; nothing exported.")
+        return RunResult(None, None, state.trained_tokens, hyperparameters, metrics, False, False, pruned=True)
     if state.stopped_early:
         sink.event(f"Stopped early at step {state.step}: the validation metric did not improve.")
 

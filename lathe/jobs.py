@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,14 +18,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.applicability import check_applicable, model_facts
-from core.errors import EngineError
 from core.spec import Hyperparameters, JobSpec, Task, TrainingConfig
 from lathe import lifecycle
 from lathe.db.queries import add_event, get_file, get_job
-from lathe.db.tables import Event, FilePurpose, Job, JobStatus, new_id, now
+from lathe.db.tables import TERMINAL, Event, FilePurpose, Job, JobStatus, new_id, now
 from lathe.errors import BadRequest, Conflict, NotFound, dotted_param
 from lathe.model_source import ModelSource, resolve_model
-from lathe.queue import RUN_TASK, VALIDATE_TASK
+from lathe.queue import ADVANCE_TASK, RUN_TASK, VALIDATE_TASK
+from lathe.search.requests import check_search, engine_check
 from lathe.settings import Settings
 
 FILE_PARAMS = ("training_file", "validation_file", "test_file")
@@ -105,11 +106,11 @@ def check_spec(spec: JobSpec, body: JobCreate, source: ModelSource) -> None:
         BadRequest: code "inapplicable_field", param the dotted field (e.g. "config.packing").
     """
     _, hp_param = _hyperparameters(body)
-    facts = model_facts(Path(source.base)) if source.kind != "hub" else None
-    try:
-        check_applicable(spec, task=spec.task, model=facts, hyperparameters_param=hp_param)
-    except EngineError as e:
-        raise BadRequest(e.message, param=e.param, code=e.code) from None
+    engine_check(partial(check_applicable, task=spec.task, model=_facts(source), hyperparameters_param=hp_param))(spec)
+
+
+def _facts(source: ModelSource):  # noqa: ANN202
+    return model_facts(Path(source.base)) if source.kind != "hub" else None
 
 
 def stored_spec(spec: JobSpec) -> dict[str, Any]:
@@ -170,13 +171,15 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, payload:
     check_files(session, tenant_id=tenant_id, body=body)
     source = resolve_model(session, settings, tenant_id=tenant_id, name=body.model)
     check_spec(spec, body, source)
+    search = check_search(session, tenant_id=tenant_id, spec=spec, stored=stored_spec(spec), check=engine_check(
+        partial(check_applicable, task=spec.task, model=_facts(source)))) if spec.config.search else None
 
     job = Job(
         id=new_id("ftjob"), tenant_id=tenant_id, spec=stored_spec(spec), model=body.model,
         task=spec.task.value if spec.task else None, training_file=body.training_file,
         validation_file=body.validation_file, test_file=body.test_file, result_files=[],
         job_metadata=body.metadata, seed=seed, attempt=0, max_attempts=settings.max_attempts,
-        idempotency_key=idempotency_key, created_at=now(),
+        idempotency_key=idempotency_key, created_at=now(), search=search,
     )
     session.add(job)
     try:
@@ -195,13 +198,18 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, payload:
 
 
 def list_jobs(session: Session, *, tenant_id: str, metadata: dict[str, str], after: str | None,
-              limit: int) -> list[Job]:
-    """A tenant's jobs, newest first, created before job `after`, with these metadata values.
+              limit: int, parent_job: str | None = None) -> list[Job]:
+    """A tenant's jobs, newest first, created before job `after`, with these metadata values (and,
+    with `parent_job`, only that search's trials).
 
     Raises:
-        NotFound: `after` is not one of the tenant's jobs (param "after").
+        NotFound: `after` or `parent_job` is not one of the tenant's jobs (param "after" / "parent_job").
     """
     stmt = select(Job).where(Job.tenant_id == tenant_id)
+    if parent_job is not None:
+        if get_job(session, tenant_id=tenant_id, job_id=parent_job) is None:
+            raise NotFound(f"No job {parent_job!r}.", param="parent_job")
+        stmt = stmt.where(Job.parent_job == parent_job)
     for key, value in metadata.items():
         stmt = stmt.where(Job.job_metadata[key].as_string() == value)
     if after:
@@ -229,11 +237,13 @@ _MESSAGES = {
 _ALREADY = {"cancel": JobStatus.CANCELLING, "pause": JobStatus.PAUSED}
 
 
-def act(session: Session, *, tenant_id: str, job_id: str, action: Literal["cancel", "pause", "resume"]) -> tuple[Job, str | None]:
-    """A user's cancel, pause or resume (committed).
+def act(session: Session, *, tenant_id: str, job_id: str,
+        action: Literal["cancel", "pause", "resume"]) -> tuple[Job, list[tuple[str, str]]]:
+    """A user's cancel, pause or resume (committed). Cancelling a search cancels its unfinished
+    trials in the same transaction; a search is not paused (its trials are).
 
     Returns:
-        (the job as it is now, the task to publish for it or None).
+        (the job as it is now, the (task, job id) messages to publish).
 
     Raises:
         NotFound: no such job for this tenant.
@@ -241,7 +251,10 @@ def act(session: Session, *, tenant_id: str, job_id: str, action: Literal["cance
     """
     job = owned_job(session, tenant_id=tenant_id, job_id=job_id)
     if _ALREADY.get(action) == job.status:
-        return job, None
+        return job, []
+    if job.search and action != "cancel":
+        raise Conflict(f"A search can't be {action}d: {action} its trials (GET /v1/fine_tuning/jobs?parent_job="
+                       f"{job.id}), or cancel the search.", param="fine_tuning_job_id", code="search_not_pausable")
     if action == "resume" and job.status == JobStatus.PAUSED and job.lease_owner is not None:
         # The paused attempt is still saving its checkpoint; a new attempt now would race it.
         raise Conflict("The job is still stopping to pause; retry in a few seconds.",
@@ -257,7 +270,25 @@ def act(session: Session, *, tenant_id: str, job_id: str, action: Literal["cance
         raise Conflict("The job changed state meanwhile; retry.", param="fine_tuning_job_id")
     message = "Pause requested" if action == "pause" and was_running else _MESSAGES[(action, target)]
     add_event(session, job_id=job.id, message=message, attempt=job.attempt)
+    publish: list[tuple[str, str]] = []
+    if job.search:  # cancel: its trials too, and the search closes once they have stopped
+        _cancel_trials(session, job)
+        publish.append((ADVANCE_TASK, job.id))
+    elif job.parent_job and target in TERMINAL:
+        publish.append((ADVANCE_TASK, job.parent_job))  # the search starts the next trial
     session.commit()
     session.refresh(job)
-    publish = {JobStatus.QUEUED: RUN_TASK, JobStatus.VALIDATING_FILES: VALIDATE_TASK}.get(target) if action == "resume" else None
-    return job, publish
+    task = {JobStatus.QUEUED: RUN_TASK, JobStatus.VALIDATING_FILES: VALIDATE_TASK}.get(target) if action == "resume" else None
+    return job, publish + ([(task, job.id)] if task else [])
+
+
+def _cancel_trials(session: Session, parent: Job) -> None:
+    trials = session.scalars(select(Job).where(Job.parent_job == parent.id, Job.status.not_in([str(s) for s in TERMINAL])))
+    for trial in trials:
+        if trial.status == JobStatus.CANCELLING:
+            continue
+        target = lifecycle.user_move(session, trial, "cancel",
+                                     **({} if trial.status == JobStatus.RUNNING else {"finished_at": now()}))
+        if target is not None:
+            add_event(session, job_id=trial.id, message=f"{_MESSAGES[('cancel', target)]} with its search {parent.id}",
+                      attempt=trial.attempt)

@@ -15,7 +15,12 @@ Two kinds of "no":
 The table is `MOVES` below; `USER_ACTIONS` says where a user's cancel, pause and resume take a
 job from each status.
 
-Jobs of jobs (searches, ensembles) add their actors and rows here; nothing else needs to change.
+Jobs of jobs: a search's parent is moved by the orchestrator (lathe.search.orchestrate), which
+runs no training itself: queued -> running when it starts its first trials, running -> succeeded
+or failed when they are done, cancelling -> cancelled once every trial has stopped. A trial is an
+ordinary job; the runner moves a pruned one running -> cancelled (its state on the leaderboard says
+pruned), and the orchestrator fails a trial whose proposed body is not a valid job before it is
+ever queued.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from sqlalchemy.orm import Session
 
 from lathe.db.tables import TERMINAL, Job, JobStatus, now
 
-__all__ = ["TERMINAL", "Actor", "IllegalMove", "JobStatus", "MOVES", "allowed", "move", "user_move", "RELEASE_LEASE"]
+__all__ = ["INITIAL", "MOVES", "RELEASE_LEASE", "TERMINAL", "USER_ACTIONS", "Actor", "IllegalMove", "JobStatus",
+           "allowed", "claim_job", "move", "release_lease", "user_move", "user_target"]
 
 S = JobStatus
 
@@ -45,24 +51,26 @@ class Actor(StrEnum):
     VALIDATOR = "validator"
     RUNNER = "runner"
     SWEEPER = "sweeper"
+    ORCHESTRATOR = "orchestrator"
 
 
-U, V, R, SW = Actor.USER, Actor.VALIDATOR, Actor.RUNNER, Actor.SWEEPER
+U, V, R, SW, O = Actor.USER, Actor.VALIDATOR, Actor.RUNNER, Actor.SWEEPER, Actor.ORCHESTRATOR
 
 MOVES: dict[tuple[JobStatus, JobStatus], frozenset[Actor]] = {
     (S.VALIDATING_FILES, S.QUEUED): frozenset({V}),
-    (S.VALIDATING_FILES, S.FAILED): frozenset({V}),
+    (S.VALIDATING_FILES, S.FAILED): frozenset({V, O}),
     (S.VALIDATING_FILES, S.PAUSED): frozenset({U}),
     (S.VALIDATING_FILES, S.CANCELLED): frozenset({U}),
-    (S.QUEUED, S.RUNNING): frozenset({R}),  # the claim: attempt + 1, a fresh lease
+    (S.QUEUED, S.RUNNING): frozenset({R, O}),  # the claim: attempt + 1, a fresh lease; a search's first trials
     (S.QUEUED, S.PAUSED): frozenset({U}),
     (S.QUEUED, S.CANCELLED): frozenset({U}),
     (S.RUNNING, S.QUEUED): frozenset({R, SW}),  # retried after an infrastructure failure
     (S.RUNNING, S.CANCELLING): frozenset({U}),
     (S.RUNNING, S.PAUSED): frozenset({U}),  # the worker sees it, checkpoints and stops
-    (S.RUNNING, S.SUCCEEDED): frozenset({R}),
-    (S.RUNNING, S.FAILED): frozenset({R, SW}),
-    (S.CANCELLING, S.CANCELLED): frozenset({R, SW}),
+    (S.RUNNING, S.SUCCEEDED): frozenset({R, O}),
+    (S.RUNNING, S.FAILED): frozenset({R, SW, O}),
+    (S.RUNNING, S.CANCELLED): frozenset({R}),  # a trial its search's pruner stopped
+    (S.CANCELLING, S.CANCELLED): frozenset({R, SW, O}),
     (S.PAUSED, S.VALIDATING_FILES): frozenset({U}),  # resumed before its files were validated
     (S.PAUSED, S.QUEUED): frozenset({U}),  # resumed
     (S.PAUSED, S.SUCCEEDED): frozenset({R}),  # it finished before it saw the pause: keep the result

@@ -2,9 +2,11 @@
 publishes by task name after its commit) and the worker side (retries, the sweeper). Torch-free.
 
 Two queues: `lathe.run_job` goes to LATHE_QUEUE, whose consumers are the training slots
-(LATHE_WORKER_CONCURRENCY per worker); `lathe.validate_job` goes to `<LATHE_QUEUE>.validate`,
-consumed by every worker's validation pool (worker.celery_app.ValidationPool), so checking a job's
-files never waits for a training slot.
+(LATHE_WORKER_CONCURRENCY per worker); the light tasks, `lathe.validate_job` and
+`lathe.advance_search` (one step of a search, lathe.search.orchestrate), go to
+`<LATHE_QUEUE>.validate`, consumed by every worker's light-task pool
+(worker.celery_app.ValidationPool), so checking a job's files or starting a search's trials never
+waits for a training slot.
 
 Messages carry job ids, never payloads; there is no result backend: state lives in SQL. Publishing
 never raises: the job row is already committed when a message goes out, and the sweeper publishes
@@ -24,6 +26,8 @@ log = logging.getLogger("lathe.queue")
 
 VALIDATE_TASK = "lathe.validate_job"
 RUN_TASK = "lathe.run_job"
+ADVANCE_TASK = "lathe.advance_search"
+LIGHT_TASKS = (VALIDATE_TASK, ADVANCE_TASK)
 
 # Longest job we expect a late-acked message to wait for before Redis redelivers it; the job's
 # lease, not this timeout, decides whether a redelivered message may run (see worker.tasks).
@@ -31,13 +35,13 @@ VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 
 
 def validate_queue(settings: Settings) -> str:
-    """The queue of `lathe.validate_job` messages: `<LATHE_QUEUE>.validate`."""
+    """The queue of the light tasks' messages (LIGHT_TASKS): `<LATHE_QUEUE>.validate`."""
     return f"{settings.queue}.validate"
 
 
 def queue_for(settings: Settings, task_name: str) -> str:
-    """Where a task's messages go: validation to its own queue, everything else to LATHE_QUEUE."""
-    return validate_queue(settings) if task_name == VALIDATE_TASK else settings.queue
+    """Where a task's messages go: the light tasks to their own queue, training to LATHE_QUEUE."""
+    return validate_queue(settings) if task_name in LIGHT_TASKS else settings.queue
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -45,7 +49,7 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("lathe", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
         task_default_queue=settings.queue,
-        task_routes={VALIDATE_TASK: {"queue": validate_queue(settings)}},
+        task_routes={name: {"queue": validate_queue(settings)} for name in LIGHT_TASKS},
         task_acks_late=True,
         task_reject_on_worker_lost=False,
         worker_prefetch_multiplier=1,
@@ -107,6 +111,11 @@ def publisher_for(settings: Settings) -> Publisher:
 def publish_validate(settings: Settings, job_id: str) -> bool:
     """Enqueue `lathe.validate_job` on the validation queue; call only after the job row is committed."""
     return publisher_for(settings)(VALIDATE_TASK, job_id)
+
+
+def publish_advance(settings: Settings, job_id: str) -> bool:
+    """Enqueue `lathe.advance_search` for a search (after its change is committed)."""
+    return publisher_for(settings)(ADVANCE_TASK, job_id)
 
 
 def publish_run(settings: Settings, job_id: str) -> bool:

@@ -1,6 +1,6 @@
 """Per-tenant quotas: unfinished jobs and stored bytes. A service concern, not an HTTP one: the
-API's sessions check them now, and whatever else inserts jobs for a tenant (search trials, next)
-must count against them the same way.
+API's sessions check them; a search's trials count against the same quota, but the search waits
+for room rather than fail (lathe.search.orchestrate).
 
 A tenant's own columns override the settings:
 - active jobs (`LATHE_MAX_ACTIVE_JOBS`): creating one more unfinished job is a 429 with
@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from sqlalchemy import event, func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import event, exists, func, select, update
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from lathe.db.tables import TERMINAL, File, FilePurpose, Job, Model, Tenant
 from lathe.errors import RateLimited, TooLarge
@@ -64,8 +64,13 @@ def read_quota(session: Session, *, tenant_id: str, settings: Settings) -> Quota
 
 
 def active_jobs(session: Session, *, tenant_id: str) -> int:
+    """A tenant's unfinished jobs. A search counts as its unfinished trials, or as one while it has
+    none (it is queued, or between trials), so a search never takes a place beside its own trials."""
+    trial = aliased(Job)
+    ended = [str(s) for s in TERMINAL]
+    unfinished_trials = exists().where(trial.parent_job == Job.id, trial.status.not_in(ended))
     return session.scalar(select(func.count()).select_from(Job).where(
-        Job.tenant_id == tenant_id, Job.status.not_in([str(s) for s in TERMINAL]))) or 0
+        Job.tenant_id == tenant_id, Job.status.not_in(ended), ~unfinished_trials)) or 0
 
 
 def file_footprint(*, purpose: str, size: int, details: object) -> int:

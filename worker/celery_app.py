@@ -28,7 +28,7 @@ from celery.signals import worker_ready, worker_shutdown
 from kombu.common import ignore_errors
 from kombu import Consumer, Exchange, Message, Queue
 
-from lathe.queue import RUN_TASK, VALIDATE_TASK, publisher_for, validate_queue
+from lathe.queue import ADVANCE_TASK, RUN_TASK, VALIDATE_TASK, publisher_for, validate_queue
 from lathe.settings import get_settings
 from worker import tasks
 from worker.supervisor import standbys
@@ -60,24 +60,29 @@ def run_job(job_id: str) -> str:
     return tasks.run_job(job_id)
 
 
-def message_job_id(body: Any, headers: dict[str, Any]) -> str | None:
-    """The job id of a `lathe.validate_job` message (Celery's protocol 2: body `[args, kwargs, embed]`,
-    the task name in the headers; protocol 1: a dict), None for anything else."""
+# The light tasks the pool runs (lathe.queue.LIGHT_TASKS), by name.
+LIGHT = {VALIDATE_TASK: tasks.validate_job, ADVANCE_TASK: tasks.advance_search}
+
+
+def message_job_id(body: Any, headers: dict[str, Any]) -> tuple[str, str] | None:
+    """(task name, job id) of a light task's message (Celery's protocol 2: body `[args, kwargs,
+    embed]`, the task name in the headers; protocol 1: a dict), None for anything else."""
     if isinstance(body, dict):  # protocol 1
         task, args = body.get("task"), body.get("args")
     else:
         task, args = headers.get("task"), body[0] if isinstance(body, (list, tuple)) and body else None
-    if task != VALIDATE_TASK or not isinstance(args, (list, tuple)) or len(args) != 1 or not isinstance(args[0], str):
+    if task not in LIGHT or not isinstance(args, (list, tuple)) or len(args) != 1 or not isinstance(args[0], str):
         return None
-    return args[0]
+    return task, args[0]
 
 
 class ValidationPool(bootsteps.ConsumerStep):
-    """Runs `lathe.validate_job` messages from `<LATHE_QUEUE>.validate` on threads of its own.
+    """Runs the light tasks' messages (`lathe.validate_job`, `lathe.advance_search`) from
+    `<LATHE_QUEUE>.validate` on threads of its own.
 
     The channel's prefetch equals the pool's size: a message is taken only when a thread is free, and
-    acknowledged after the validation returns (late, as Celery's tasks are), so one in flight when the
-    worker is killed is delivered again; `validate_job` is a compare-and-set, so a duplicate is a no-op.
+    acknowledged after the task returns (late, as Celery's tasks are), so one in flight when the
+    worker is killed is delivered again; both tasks are idempotent, so a duplicate is a no-op.
     """
 
     def __init__(self, parent, **kwargs):  # noqa: ANN001 - Celery's signature
@@ -98,13 +103,13 @@ class ValidationPool(bootsteps.ConsumerStep):
 
     def on_message(self, body: Any, message: Message) -> None:
         # Called on the worker's event loop: hand the work over, never block here.
-        job_id = message_job_id(body, message.headers or {})
-        if job_id is None:
-            log.error("validation queue %s: dropping a message that is not %s(job_id): %r",
-                      self.queue_name, VALIDATE_TASK, (message.headers or {}).get("task"))
+        parsed = message_job_id(body, message.headers or {})
+        if parsed is None:
+            log.error("validation queue %s: dropping a message that is not one of %s(job_id): %r",
+                      self.queue_name, "/".join(LIGHT), (message.headers or {}).get("task"))
             message.reject()
             return
-        future = self.threads.submit(self.validate, job_id, message)
+        future = self.threads.submit(self.run, *parsed, message)
         with self.lock:
             self.running.add(future)
         future.add_done_callback(self.forget)
@@ -113,17 +118,17 @@ class ValidationPool(bootsteps.ConsumerStep):
         with self.lock:
             self.running.discard(future)
 
-    def validate(self, job_id: str, message: Message) -> None:
+    def run(self, task: str, job_id: str, message: Message) -> None:
         try:
-            status = tasks.validate_job(job_id)
-            log.info("%s[%s] -> %s", VALIDATE_TASK, job_id, status or "nothing to do")
-        except Exception:  # noqa: BLE001 - the job stays validating_files; the sweeper publishes it again
-            log.exception("%s[%s] crashed", VALIDATE_TASK, job_id)
+            status = LIGHT[task](job_id)
+            log.info("%s[%s] -> %s", task, job_id, status or "nothing to do")
+        except Exception:  # noqa: BLE001 - the job stays where it was; the sweeper publishes it again
+            log.exception("%s[%s] crashed", task, job_id)
         finally:
             try:
                 message.ack()
             except Exception:  # noqa: BLE001 - the channel closed meanwhile; the message is redelivered
-                log.warning("%s[%s]: could not acknowledge the message", VALIDATE_TASK, job_id, exc_info=True)
+                log.warning("%s[%s]: could not acknowledge the message", task, job_id, exc_info=True)
 
     def drain(self, c) -> None:  # noqa: ANN001
         """Take no more messages; let the validations in flight finish and acknowledge theirs before

@@ -13,6 +13,7 @@ to resume from), runs `core.engine.run` with a DB-backed sink, and leaves its ou
 
     {"status": "succeeded", model_dir, archive_path, trained_tokens, hyperparameters, metrics, ...}
     {"status": "cancelled"}                               SIGTERM (cancel/pause): checkpointed, stopped
+    {"status": "pruned", trained_tokens, metrics, ...}    a search's pruner stopped the trial
     {"status": "failed", "error": {...}, "user_error": true}    EngineError; exit 0, never retried
     {"status": "failed", "error": {"code": "internal_error", ...}, "user_error": false}
                                                           any other exception; exit 1 (traceback in
@@ -156,7 +157,7 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
     try:
         with session_scope(settings.sqlalchemy_url) as session:
             job = session.get(Job, job_id)
-            spec = JobSpec.model_validate(job.spec)
+            spec, parent_job = JobSpec.model_validate(job.spec), job.parent_job
             files = {
                 param: session.get(File, file_id).path if file_id else None
                 for param, file_id in (("training_file", spec.training_file),
@@ -186,10 +187,18 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
         )
         # No archive: the worker packs it once the job is recorded as succeeded.
         cache = InputCache(settings.input_cache_dir, settings.cache_max_bytes) if settings.cache_max_bytes else None
-        result = run(spec, run_paths, sink, should_stop=stop.is_set, archive=False, cache=cache)
+        callbacks = []
+        if parent_job:  # a search's trial: its pruner may stop it at an evaluation
+            from core.callbacks import Pruning
+            from worker.trial import TrialPruning
+
+            callbacks.append(Pruning(TrialPruning(sink, settings.sqlalchemy_url, job_id)))
+        result = run(spec, run_paths, sink, should_stop=stop.is_set, archive=False, cache=cache, callbacks=callbacks)
         sink.flush()
         if getattr(result, "cancelled", False):
             outcome: dict[str, Any] = {"status": "cancelled"}
+        elif getattr(result, "pruned", False):
+            outcome = {"status": "pruned", **_result_fields(result)}
         else:
             outcome = {"status": "succeeded", **_result_fields(result)}
         code = 0

@@ -4,6 +4,7 @@ supervisor (its lease taken over, or the job already finished) changes nothing.
     child result            job status now          ->  new status
     succeeded               running                     succeeded (Model row, results file; the
                                                         download archive is packed after the commit)
+    pruned                  running                     cancelled (a search's trial its pruner stopped)
     any                     cancelling                  cancelled
     cancelled               paused                      paused (lease released; resume requeues)
     not succeeded, deadline running                     failed "deadline_exceeded" (checkpoint kept)
@@ -93,6 +94,13 @@ def finalise(settings: Settings, job_id: str, attempt: int, done: ChildExit) -> 
             return ""
         if outcome == "succeeded":
             return _succeed(session, settings, job, attempt, result)
+        if outcome == "pruned":  # a search's trial, stopped by its pruner: nothing exported
+            ok = move(session, job_id=job_id, source=JobStatus.RUNNING, target=JobStatus.CANCELLED, by=Actor.RUNNER,
+                      attempt=attempt, finished_at=now(), trained_tokens=result.get("trained_tokens"),
+                      metrics=result.get("metrics"), **RELEASE_LEASE)
+            if ok:
+                add_event(session, job_id=job_id, attempt=attempt, message="The trial was pruned by its search")
+            return JobStatus.CANCELLED if ok else ""
         if done.deadline_exceeded:
             limit = job.job_spec().config.max_runtime_seconds
             return JobStatus.FAILED if fail(session, job, attempt, {

@@ -56,7 +56,7 @@ class DbSink:
     # -- MetricsSink ---------------------------------------------------------------------------
 
     def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
-        self._write(lambda s: add_event(s, job_id=self.job_id, attempt=self.attempt, message=message,
+        self.write(lambda s: add_event(s, job_id=self.job_id, attempt=self.attempt, message=message,
                                         level=level, data=_jsonable(data)))
 
     def metrics(self, step: int, values: dict[str, float], *, split: str) -> None:
@@ -72,25 +72,25 @@ class DbSink:
             return
         # An evaluation: the metric rows and a "metrics" event (OpenAI's type) in one transaction.
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
-        self._write(lambda s: add_event(s, job_id=self.job_id, attempt=self.attempt, type="metrics",
+        self.write(lambda s: add_event(s, job_id=self.job_id, attempt=self.attempt, type="metrics",
                                         message=f"Step {step}: {split} {shown}",
                                         data={"step": int(step), "split": split, **values}))
 
     def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
-        def write(s: Session) -> None:
+        def add(s: Session) -> None:
             s.add(Checkpoint(id=new_id("ftckpt"), job_id=self.job_id, attempt=self.attempt, step=int(step),
                              path=str(path), metrics=_jsonable(metrics) or {}, created_at=now()))
             add_event(s, job_id=self.job_id, attempt=self.attempt, message=f"Checkpoint saved at step {step}",
                       data={"step": int(step), "path": str(path)})
 
-        self._write(write)
+        self.write(add)
 
     # -- plumbing ------------------------------------------------------------------------------
 
     def flush(self) -> None:
         """Write buffered metric rows now."""
         if self._pending:
-            self._write(lambda s: None)
+            self.write(lambda s: None)
 
     def close(self) -> None:
         """Flush what is buffered; a stale attempt's leftovers are dropped quietly."""
@@ -99,7 +99,13 @@ class DbSink:
         except StaleAttempt:
             self._pending.clear()
 
-    def _write(self, add) -> None:  # noqa: ANN001 - a callable(session)
+    def write(self, add) -> None:  # noqa: ANN001 - a callable(session)
+        """Run `add(session)` and write the buffered metric rows, in one transaction fenced on this
+        attempt still owning the job (the job row is locked first).
+
+        Raises:
+            StaleAttempt: the attempt no longer owns the job; nothing was written.
+        """
         rows, self._pending = self._pending, []
         with self._sessions() as session:
             try:

@@ -6,6 +6,8 @@ compare-and-set, and a duplicate message finds nothing to claim).
   the lease while it lives). Running goes back to `queued` (the attempt stays; the next claim bumps
   it and resumes from the last checkpoint) and is re-published, or fails with `worker_lost` once
   `attempt >= max_attempts`; cancelling becomes `cancelled`; paused just loses its lease.
+- a search (`queued`/`running`/`cancelling`): one step of it (lathe.search.orchestrate.advance),
+  which records trials a sweep ended, starts those due, and makes up for a step lost with its worker.
 - `queued`/`validating_files` for longer than `stale_after` seconds (LATHE_SWEEP_STALE_AFTER_SECONDS):
   the message may have been lost (a broker restart without persistence, a FLUSHALL); publish it
   again. On these states `lease_until` means "not re-published before": it spaces re-publishing
@@ -25,6 +27,7 @@ from lathe.db.session import session_scope
 from lathe.db.tables import Job, JobStatus, now
 from lathe.lifecycle import RELEASE_LEASE, Actor, move, release_lease
 from lathe.queue import publish_run, publish_validate
+from lathe.search.orchestrate import advance
 from lathe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,8 @@ def sweep(settings: Settings, *, stale_after: float | None = None) -> dict[str, 
     """
     stale_after = settings.sweep_stale_after_seconds if stale_after is None else stale_after
     t = time.time()
-    done: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": [], "released": [], "republished": []}
+    done: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": [], "released": [], "republished": [],
+                                  "advanced": []}
     publish: list[tuple[str, str]] = []
     with session_scope(settings.sqlalchemy_url) as session:
         expired = session.execute(
@@ -98,6 +102,14 @@ def sweep(settings: Settings, *, stale_after: float | None = None) -> dict[str, 
 
     for kind, job_id in publish:  # after the commits
         (publish_run if kind == "run" else publish_validate)(settings, job_id)
+    # Searches: a step each (one lost with its worker, trials a sweep ended, room under a quota).
+    with session_scope(settings.sqlalchemy_url) as session:
+        searches = session.scalars(select(Job.id).where(
+            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING]),
+            Job.search.is_not(None), Job.parent_job.is_(None))).all()
+    for job_id in searches:
+        if advance(settings, job_id):
+            done["advanced"].append(job_id)
     if any(done.values()):
         log.info("sweep: %s", {k: v for k, v in done.items() if v})
     return done

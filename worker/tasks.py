@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,14 @@ from core.errors import DataError, EngineError, ModelError
 from core.spec import JobSpec, Task
 from lathe.db.queries import add_event
 from lathe.db.session import session_scope
-from lathe.db.tables import Checkpoint, File, Job, JobStatus, now
+from lathe.db.tables import TERMINAL, Checkpoint, File, Job, JobStatus, now
 from lathe.errors import LatheError
 from lathe.lifecycle import Actor, claim_job, move
 from lathe.model_source import cache_only, resolve_model
-from lathe.queue import publish_run
+from lathe.queue import publish_advance, publish_run
+from lathe.search.orchestrate import advance
+from lathe.search.requests import engine_check
+from lathe.search.space import check_space, objective_of, space_of
 from lathe.settings import Settings, get_settings
 from worker.finalise import fail, finalise, pack_model_archive, publish_retry
 from worker.supervisor import standbys, start_child, supervise
@@ -50,7 +54,7 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
         job = session.get(Job, job_id)
         if job is None or job.status != JobStatus.VALIDATING_FILES:
             return ""
-        spec_data, tenant_id = job.spec, job.tenant_id
+        spec_data, tenant_id, parent_job = job.spec, job.tenant_id, job.parent_job
         files: dict[str, tuple[str, str] | None] = {}
         for param in FILE_PARAMS:
             file_id = getattr(job, param)
@@ -68,9 +72,15 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
         spec = JobSpec.model_validate(spec_data)
         task, infos = _inspect(spec, files)
         # What only the data and the model tell: the inferred task, the problem type, the depth.
-        check_applicable(spec, task=task, data=DataFacts.from_summaries(infos),
-                         model=model_facts(Path(source.base)) if source.kind != "hub" else None)
+        facts = model_facts(Path(source.base)) if source.kind != "hub" else None
+        check = partial(check_applicable, task=task, data=DataFacts.from_summaries(infos), model=facts)
+        check(spec)
+        if spec.config.search:  # every trial its space can make, judged as this job now is
+            metric, _ = objective_of(spec)
+            check_space(spec_data, space_of(spec.config.search, task), objective=metric, check=engine_check(check))
     except EngineError as e:
+        error = e.to_dict()
+    except LatheError as e:
         error = e.to_dict()
     except Exception as e:  # noqa: BLE001 - an unreadable file must fail the job, not loop
         log.exception("job %s: validation crashed", job_id)
@@ -87,7 +97,9 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
                 add_event(session, job_id=job_id, level="error", data={"error": error},
                           message=f"Validation failed: {error['message']}"
                                   + (f" (param {error['param']})" if error.get("param") else ""))
-            return JobStatus.FAILED if ok else ""
+        if ok and parent_job:
+            publish_advance(settings, parent_job)  # the search records it and goes on
+        return JobStatus.FAILED if ok else ""
         resolved = spec.model_copy(update={"task": task})
         ok = move(session, job_id=job_id, source=JobStatus.VALIDATING_FILES, target=JobStatus.QUEUED,
                   by=Actor.VALIDATOR, queued_at=now(), task=str(task),
@@ -95,8 +107,8 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
         if ok:
             add_event(session, job_id=job_id, message=_summary(task, infos),
                       data={p: {"rows": i.rows, "label_counts": i.label_counts, **i.details} for p, i in infos.items()})
-    if ok:
-        publish_run(settings, job_id)
+    if ok:  # a search's parent trains nothing itself: its first step starts the trials
+        (publish_advance if spec.config.search else publish_run)(settings, job_id)
     return JobStatus.QUEUED if ok else ""
 
 
@@ -122,6 +134,15 @@ def _summary(task: Task, infos: dict[str, DatasetSummary]) -> str:
         more = f" and {len(train.labels) - 10} more" if len(train.labels) > 10 else ""
         text += f", labels {shown}{more}"
     return text + "".join(f"; {p.removesuffix('_file')} {i.rows} rows" for p, i in infos.items() if p != "training_file")
+
+
+# ---------------------------------------------------------------------------------------------
+# lathe.advance_search
+
+
+def advance_search(job_id: str, *, settings: Settings | None = None) -> str:
+    """One step of a search (lathe.search.orchestrate.advance): record, start or finish trials."""
+    return advance(settings or get_settings(), job_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,10 +196,15 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
         return ""
     with session_scope(settings.sqlalchemy_url) as session:
         job = session.get(Job, job_id)
+        parent_job = job.parent_job
         try:
             source = resolve_model(session, settings, tenant_id=job.tenant_id, name=job.model)
         except LatheError as e:
-            return JobStatus.FAILED if fail(session, job, attempt, e.to_dict()) else ""
+            failed = fail(session, job, attempt, e.to_dict())
+            session.commit()
+            if failed and parent_job:
+                publish_advance(settings, parent_job)
+            return JobStatus.FAILED if failed else ""
         model, init_from = source.base, source.init_from
         checkpoint = latest_checkpoint(session, job_id)
         budget = job.job_spec().config.max_runtime_seconds
@@ -207,4 +233,6 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
         pack_model_archive(settings, job_id)
     elif status == JobStatus.QUEUED:  # lost to the infrastructure: retried after the backoff
         publish_retry(settings, job_id, attempt)
+    if status in TERMINAL and parent_job:
+        publish_advance(settings, parent_job)  # a search's trial: the search records it and goes on
     return status

@@ -41,11 +41,13 @@ def list_jobs(
     request: Request, tenant: TenantDep, session: SessionDep,
     after: Annotated[str | None, Query(description="A job id: list the jobs created before it.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    parent_job: Annotated[str | None, Query(max_length=40, description="A search's id: list its trials only.")] = None,
 ) -> ListPage[FineTuningJob]:
-    """List the tenant's jobs, newest first; filter with `metadata[key]=value`."""
+    """List the tenant's jobs, newest first; filter with `metadata[key]=value`, or `parent_job`."""
     filters = {key[9:-1]: value for key, value in request.query_params.multi_items()
                if key.startswith("metadata[") and key.endswith("]")}
-    rows = service.list_jobs(session, tenant_id=tenant.id, metadata=filters, after=after, limit=limit + 1)
+    rows = service.list_jobs(session, tenant_id=tenant.id, metadata=filters, after=after, limit=limit + 1,
+                             parent_job=parent_job)
     data = [job_object(j) for j in rows[:limit]]
     return ListPage(data=data, has_more=len(rows) > limit, first_id=data[0].id if data else None,
                     last_id=data[-1].id if data else None)
@@ -67,9 +69,9 @@ def _retrieve(session: Session, tenant_id: str, job_id: str) -> FineTuningJob:
 
 
 def _act(request: Request, session, tenant, job_id: str, action: str) -> FineTuningJob:  # noqa: ANN001
-    job, task = service.act(session, tenant_id=tenant.id, job_id=job_id, action=action)
-    if task is not None:
-        request.app.state.publish(task, job.id)  # after commit
+    job, messages = service.act(session, tenant_id=tenant.id, job_id=job_id, action=action)
+    for task, target in messages:
+        request.app.state.publish(task, target)  # after commit
     return job_object(job)
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from core.spec.base import AUTO, ProblemType, Strict, known_metric
+from core.spec.search import SearchConfig
 
 
 class HeadConfig(Strict):
@@ -293,6 +294,10 @@ class TrainingConfig(Strict):
         None, description="Evaluate on the validation set every N optimizer steps (needs a validation file); "
                           "null: once per epoch."
     )
+    evaluations_per_epoch: Annotated[int, Field(ge=1, le=100)] | None = Field(
+        None, description="Evaluate this many times per epoch, evenly spaced (needs a validation file; not with "
+                          "eval_every_steps); null: once, at the epoch's end."
+    )
     checkpoint_every_steps: Annotated[int, Field(ge=1)] | None = Field(
         None, description="Save a resumable checkpoint every N optimizer steps; null: after each evaluation "
                           "(so none without a validation file)."
@@ -316,6 +321,10 @@ class TrainingConfig(Strict):
     max_runtime_seconds: Annotated[int, Field(ge=1)] | None = Field(
         None, description="Wall-clock budget from the job's start; past it the job checkpoints and fails "
                           "with error.code deadline_exceeded."
+    )
+    search: SearchConfig | None = Field(
+        None, description="Make the job a hyperparameter search: its trials are jobs listed by "
+                          "GET /v1/fine_tuning/jobs?parent_job=; the best trial's model is the result."
     )
 
     # lora is declared after freeze, so its validator sees freeze (and the error names config.lora).

@@ -111,10 +111,18 @@ class Job(Base):
     started_at: Mapped[int | None] = mapped_column(BigInteger)
     finished_at: Mapped[int | None] = mapped_column(BigInteger)
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger)
+    # Jobs of jobs: a search's trial names its parent and its number there (unique: a trial is never
+    # created twice); `child_info` is what the parent assigned and learnt of it (lathe.search), and
+    # `search` the parent's own record (its leaderboard, once trials report).
+    parent_job: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    child_index: Mapped[int | None] = mapped_column(Integer)
+    child_info: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    search: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_status", "status"),
         Index("uq_jobs_idempotency", "tenant_id", "idempotency_key", unique=True),
+        Index("uq_jobs_parent_child", "parent_job", "child_index", unique=True),
     )
 
     def job_spec(self) -> JobSpec:

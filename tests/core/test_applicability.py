@@ -189,6 +189,7 @@ CASES: dict[str, Case] = {
     "config.precision": Case("bf16"),
     # watching the run
     "config.eval_every_steps": Case(10, **VALID),
+    "config.evaluations_per_epoch": Case(2, **VALID),
     "config.checkpoint_every_steps": Case(10),
     "config.metric_for_best_model": Case("loss", **VALID),
     "config.early_stopping": Case({}, **VALID),
@@ -199,12 +200,33 @@ CASES: dict[str, Case] = {
     "config.load_best_model_at_end": Case(False, **VALID),
     "config.device": Case("cpu"),
     "config.max_runtime_seconds": Case(60),
+    # a search (its space is checked against the job by lathe.search, not here)
+    "config.search": Case({}, **VALID),
+    "config.search.trials": Case(4, **VALID),
+    "config.search.parallel": Case(1, **VALID),
+    "config.search.sampler": Case({"type": "random"}, **VALID),
+    "config.search.sampler.type": Case("grid", **VALID),
+    "config.search.sampler.n_startup_trials": Case(3, **VALID),
+    "config.search.pruner": Case({"type": "none"}, **VALID),
+    "config.search.pruner.type": Case("hyperband", **VALID),
+    "config.search.pruner.n_startup_trials": Case(2, **VALID),
+    "config.search.pruner.n_warmup_evaluations": Case(1, **VALID),
+    "config.search.pruner.percentile": Case(30.0, needs={"config.search.pruner.type": "percentile"}, **VALID),
+    "config.search.pruner.min_resource": Case(1, needs={"config.search.pruner.type": "hyperband"}, **VALID),
+    "config.search.pruner.reduction_factor": Case(3, needs={"config.search.pruner.type": "hyperband"}, **VALID),
+    "config.search.objective": Case({"mode": "min"}, **VALID),
+    "config.search.objective.metric": Case("loss", **VALID),
+    "config.search.objective.mode": Case("min", **VALID),
+    "config.search.space": Case({"hyperparameters.n_epochs": {"type": "int", "low": 1, "high": 2}}, **VALID),
+    "config.search.warm_start_from": Case("ftjob-earlier", **VALID),
 }
 
 
 def _models_in(annotation: Any) -> list[type]:
     if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
         return [annotation]
+    if typing.get_origin(annotation) is dict:  # a mapping's values are not fields (config.search.space)
+        return []
     return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 

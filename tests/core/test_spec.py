@@ -84,8 +84,9 @@ def test_defaults_and_bounds_are_unchanged():
         "augmentation": {"text": None, "image": None},
         "max_grad_norm": 1.0, "max_grad_value": None, "gradient_accumulation_steps": 1, "precision": "auto",
         "gradient_checkpointing": False, "group_by_length": True, "eval_every_steps": None,
-        "checkpoint_every_steps": None, "metric_for_best_model": "loss", "early_stopping": None,
-        "load_best_model_at_end": True, "device": "auto", "max_runtime_seconds": None,
+        "evaluations_per_epoch": None, "checkpoint_every_steps": None, "metric_for_best_model": "loss",
+        "early_stopping": None, "load_best_model_at_end": True, "device": "auto", "max_runtime_seconds": None,
+        "search": None,
     }
     schema = TrainingConfig.model_json_schema()
     assert schema["properties"]["max_length"]["maximum"] == 32768 and schema["properties"]["max_length"]["minimum"] == 8

@@ -1,0 +1,278 @@
+"""Running a search: `advance(settings, parent_id)`, one idempotent step that reads the search's
+trials from the database and does what is due — record the trials that finished, start new ones
+up to `parallel` (and the tenant's quota), or finish the search with its best trial.
+
+Nothing waits in a process. A step runs (on a worker's light-task pool, `lathe.advance_search`)
+when the parent's files are validated, when a trial ends, when a user cancels a trial, and at
+every sweep (worker.sweeper), which also covers a step lost with its worker. Each step first locks
+the parent's row, so steps of one search never overlap, and a trial's (parent, number) is unique in
+the jobs table, so a trial is never created twice. A worker killed mid-step rolls back everything
+the step wrote; the next step redoes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from core.spec import JobSpec
+from lathe import lifecycle
+from lathe.db.queries import add_event
+from lathe.db.session import session_scope
+from lathe.db.tables import TERMINAL, Job, JobStatus, Metric, new_id, now
+from lathe.errors import LatheError
+from lathe.lifecycle import Actor
+from lathe.queue import publish_validate
+from lathe.quotas import active_jobs, lock_tenant
+from lathe.search.space import objective_of, space_of, trial_spec, validated_trial
+from lathe.search.study import Study, grid_size
+from lathe.settings import Settings
+
+log = logging.getLogger(__name__)
+S = JobStatus
+LIVE = (S.QUEUED, S.RUNNING, S.CANCELLING)
+O = Actor.ORCHESTRATOR
+CREATED = "Created fine-tuning job"  # as lathe.jobs writes it (its event carries the request's fingerprint)
+
+
+def advance(settings: Settings, job_id: str) -> str:
+    """One step of the search `job_id`; returns what it did ("" when nothing was due)."""
+    started: list[str] = []
+    with session_scope(settings.sqlalchemy_url) as session:
+        # The parent's row lock: a no-op UPDATE (as lathe.quotas.lock_tenant) on both dialects.
+        locked = session.execute(update(Job).where(Job.id == job_id, Job.status.in_([str(s) for s in LIVE]))
+                                 .values(attempt=Job.attempt).execution_options(synchronize_session=False)).rowcount
+        parent = session.get(Job, job_id) if locked else None
+        if parent is None or not parent.search:
+            return ""
+        run = _Search(session, settings, parent)
+        run.record_finished()
+        if parent.status == S.CANCELLING:
+            did = run.close_cancelled()
+        elif len(run.children) >= run.total and not run.active:
+            did = run.finish()
+        else:
+            started = run.start_trials()
+            did = f"started {len(started)}" if started else ""
+        run.save_board()
+        session.commit()
+    for child_id in started:  # after the commit: the validator must find the rows
+        publish_validate(settings, child_id)
+    return did
+
+
+class _Search:
+    """One step's view of a search: the parent (locked), its trials, the study."""
+
+    def __init__(self, session: Session, settings: Settings, parent: Job):
+        self.session, self.settings, self.parent = session, settings, parent
+        self.spec: JobSpec = parent.job_spec()
+        self.config = self.spec.config.search
+        self.state: dict[str, Any] = dict(parent.search)
+        self.metric, self.maximize = objective_of(self.spec)
+        self.space = space_of(self.config, self.spec.task)
+        self.children = list(session.scalars(select(Job).where(Job.parent_job == parent.id).order_by(Job.child_index)))
+        self.active = [c for c in self.children if c.status not in TERMINAL]
+        total = self.config.trials
+        self.total = min(total, grid_size(self.space)) if self.config.sampler.type == "grid" else total
+
+    # -- trials that ended ----------------------------------------------------------------------
+
+    def record_finished(self) -> None:
+        """Each trial that ended since the last step: its final state and value on its record, and
+        an event on the parent (once: `reported` marks it)."""
+        for child in self.children:
+            info = dict(child.child_info or {})
+            if child.status not in TERMINAL or info.get("reported"):
+                continue
+            info.update(self._outcome(child, info), reported=True)
+            child.child_info = info
+            add_event(self.session, job_id=self.parent.id, level="warn" if info["state"] == "failed" else "info",
+                      message=self._ended_message(child, info), data={"trial": info["number"], "job": child.id,
+                                                                       "state": info["state"], "value": info.get("value")})
+
+    def _outcome(self, child: Job, info: dict[str, Any]) -> dict[str, Any]:
+        if child.status == S.SUCCEEDED:
+            value = trial_value(child, self.metric)
+            if value is None:
+                return {"state": "failed", "value": None, "error": f"no validation {self.metric} was recorded"}
+            return {"state": "complete", "value": value}
+        if child.status == S.CANCELLED:
+            return {"state": "pruned" if info.get("state") == "pruned" else "cancelled"}
+        return {"state": "failed", "value": None, "error": (child.error or {}).get("message")}
+
+    def _ended_message(self, child: Job, info: dict[str, Any]) -> str:
+        n, state = info["number"], info["state"]
+        if state == "complete":
+            best = self._best()
+            mark = " (best so far)" if best is not None and best.id == child.id else ""
+            return f"Trial {n} ({child.id}) finished: {self.metric}={info['value']:.4f}{mark}"
+        if state == "pruned":
+            at = info.get("pruned_at") or {}
+            return f"Trial {n} ({child.id}) pruned at evaluation {at.get('evaluation')} (step {at.get('step')})"
+        if state == "cancelled":
+            return f"Trial {n} ({child.id}) was cancelled"
+        return f"Trial {n} ({child.id}) failed: {info.get('error') or 'no reason recorded'}"
+
+    def _best(self) -> Job | None:
+        done = [c for c in self.children if (c.child_info or {}).get("state") == "complete"]
+        if not done:
+            return None
+        sign = -1 if self.maximize else 1
+        return min(done, key=lambda c: (sign * c.child_info["value"], c.child_index))
+
+    # -- new trials ------------------------------------------------------------------------------
+
+    def start_trials(self) -> list[str]:
+        """Create the trials that are due (committed by the caller); their ids, to validate."""
+        want = min(self.config.parallel - len(self.active), self.total - len(self.children))
+        if want <= 0:
+            return []
+        quota = lock_tenant(self.session, tenant_id=self.parent.tenant_id, settings=self.settings)
+        in_use = active_jobs(self.session, tenant_id=self.parent.tenant_id)
+        room = quota.max_active_jobs - in_use + (0 if self.active else 1)  # the parent's own place, until a trial runs
+        if room <= 0:
+            if not self.state.get("waiting"):
+                self.state["waiting"] = True
+                add_event(self.session, job_id=self.parent.id, message=(
+                    f"Waiting for room under the active-jobs quota ({in_use} of {quota.max_active_jobs} in use); "
+                    "the next trial starts when a job finishes"))
+            return []
+        self.state["waiting"] = False
+        warm = list(self.state.get("warm_start") or [])
+        study = Study(self.parent.id, maximize=self.maximize, space=self.space, sampler=self.config.sampler,
+                      pruner=self.config.pruner, seed=self.parent.seed,
+                      records=warm + [c.child_info or {} for c in self.children], study_attrs=self.state.get("study_attrs"))
+        ids = []
+        for _ in range(min(want, room)):
+            number = len(self.children)
+            params, attrs = study.propose(len(warm) + number)
+            child = self._create_trial(number, params, attrs)
+            self.children.append(child)
+            if child.status != S.FAILED:
+                ids.append(child.id)
+        self.state["study_attrs"] = study.study_attrs
+        if self.parent.status == S.QUEUED:
+            lifecycle.move(self.session, job_id=self.parent.id, source=S.QUEUED, target=S.RUNNING, by=O,
+                           started_at=now())
+            self.session.refresh(self.parent, ["status"])  # as the row now says (the UPDATE skips the session)
+        return ids
+
+    def _create_trial(self, number: int, params: dict[str, Any], attrs: dict[str, Any]) -> Job:
+        parent = self.parent
+        record = {"number": number, "params": params, "state": "running", "system_attrs": attrs, "intermediate": {}}
+        body, error = trial_spec(parent.spec, params, objective=self.metric), None
+        try:
+            validated_trial(body)
+        except LatheError as e:  # a combination of values the space's corners did not show
+            error = {"code": "invalid_trial", "param": e.param, "message": e.message}
+            body = trial_spec(parent.spec, {}, objective=self.metric)
+        child = Job(id=new_id("ftjob"), tenant_id=parent.tenant_id, spec=body, model=parent.model, task=parent.task,
+                    training_file=parent.training_file, validation_file=parent.validation_file,
+                    test_file=parent.test_file, result_files=[], job_metadata=parent.job_metadata, seed=parent.seed,
+                    attempt=0, max_attempts=self.settings.max_attempts, created_at=now(),
+                    parent_job=parent.id, child_index=number, child_info=record)
+        self.session.add(child)
+        self.session.flush()
+        add_event(self.session, job_id=child.id, message=CREATED,
+                  data={"parent_job": parent.id, "trial": number, "params": params})
+        shown = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in params.items())
+        add_event(self.session, job_id=parent.id, message=f"Trial {number} started: {child.id} ({shown})",
+                  data={"trial": number, "job": child.id, "params": params})
+        if error is not None:
+            lifecycle.move(self.session, job_id=child.id, source=S.VALIDATING_FILES, target=S.FAILED, by=O,
+                           error=error, finished_at=now())
+            self.session.refresh(child, ["status"])
+            add_event(self.session, job_id=child.id, level="error", data={"error": error},
+                      message=f"The job failed: {error['message']}")
+        return child
+
+    # -- the end -----------------------------------------------------------------------------------
+
+    def finish(self) -> str:
+        best = self._best()
+        if best is None:
+            states = [(c.child_info or {}).get("state") for c in self.children]
+            first = next((c.child_info.get("error") for c in self.children if (c.child_info or {}).get("error")), None)
+            counts = ", ".join(f"{states.count(s)} {s}" for s in ("failed", "pruned", "cancelled") if states.count(s))
+            error = {"code": "search_failed", "param": None,
+                     "message": f"No trial of the search finished ({counts})" + (f"; the first error: {first}" if first else "")}
+            if lifecycle.move(self.session, job_id=self.parent.id, source=S.RUNNING, target=S.FAILED, by=O,
+                              error=error, finished_at=now()):
+                add_event(self.session, job_id=self.parent.id, level="error", data={"error": error},
+                          message=f"The job failed: {error['message']}")
+            return "failed"
+        info = best.child_info
+        tokens = sum(c.trained_tokens or 0 for c in self.children)
+        if not lifecycle.move(self.session, job_id=self.parent.id, source=S.RUNNING, target=S.SUCCEEDED, by=O,
+                              fine_tuned_model=best.fine_tuned_model, metrics=best.metrics,
+                              hyperparameters=best.hyperparameters, trained_tokens=tokens,
+                              result_files=list(best.result_files or []), finished_at=now()):
+            return ""
+        add_event(self.session, job_id=self.parent.id, data={"best_trial": best.id, "value": info["value"]},
+                  message=f"Search finished: the best of {len(self.children)} trials is trial {info['number']} "
+                          f"({best.id}), {self.metric}={info['value']:.4f}")
+        add_event(self.session, job_id=self.parent.id, message=f"New fine-tuned model created: {best.fine_tuned_model}",
+                  data={"fine_tuned_model": best.fine_tuned_model})
+        add_event(self.session, job_id=self.parent.id, message="The job has successfully completed")
+        return "succeeded"
+
+    def close_cancelled(self) -> str:
+        """A cancelled search becomes cancelled once every trial has stopped."""
+        if self.active or not lifecycle.move(self.session, job_id=self.parent.id, source=S.CANCELLING,
+                                             target=S.CANCELLED, by=O, finished_at=now()):
+            return ""
+        add_event(self.session, job_id=self.parent.id, message="The job was cancelled")
+        return "cancelled"
+
+    # -- the leaderboard -------------------------------------------------------------------------
+
+    def save_board(self) -> None:
+        self.state.update(board(self.session, self.children, metric=self.metric, maximize=self.maximize,
+                                total=self.total))
+        self.parent.search = self.state
+
+
+ORDER = {"complete": 0, "pruned": 1, "running": 2, "cancelled": 3, "failed": 4}
+
+
+def board(session: Session, children: list[Job], *, metric: str, maximize: bool, total: int) -> dict[str, Any]:
+    """The parent's public record: the objective, the best trial and the leaderboard (best first:
+    finished trials by value, then pruned ones by their last value, then the rest by number)."""
+    steps = dict(session.execute(select(Metric.job_id, func.max(Metric.step))
+                                 .where(Metric.job_id.in_([c.id for c in children]), Metric.split == "train")
+                                 .group_by(Metric.job_id)).all()) if children else {}
+    clock = time.time()
+    rows = []
+    for c in children:
+        info = c.child_info or {}
+        state = info.get("state", "running")
+        value = info.get("value")
+        if value is None and info.get("intermediate"):
+            value = info["intermediate"][max(info["intermediate"], key=int)]
+        seconds = ((c.finished_at or clock) - c.started_at) if c.started_at else None
+        rows.append({"trial": c.child_index, "job": c.id, "status": c.status, "state": state, "params": info.get("params"),
+                     "value": value, "steps": steps.get(c.id), "seconds": int(seconds) if seconds is not None else None})
+    sign = -1 if maximize else 1
+    rows.sort(key=lambda r: (ORDER.get(r["state"], 5), sign * r["value"] if r["value"] is not None and
+                             r["state"] in ("complete", "pruned") else 0, r["trial"]))
+    best = next((r for r in rows if r["state"] == "complete"), None)
+    return {"objective": {"metric": metric, "mode": "max" if maximize else "min"}, "trials_planned": total,
+            "best_trial": best, "trials": rows}
+
+
+def trial_value(job: Job, metric: str) -> float | None:
+    """A finished trial's objective: of the weights it exported (its best evaluation when it loads
+    the best model at the end, else its last)."""
+    metrics = job.metrics or {}
+    which = metrics.get("best") if job.job_spec().config.load_best_model_at_end else metrics.get("latest")
+    value = (which or metrics.get("latest") or {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
