@@ -192,6 +192,15 @@ def _object_branch(node: dict[str, Any], schemas: dict[str, Any]) -> dict[str, A
     return None
 
 
+def _map_values(node: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any] | None:
+    """The object schema of a map's values (`config.search.space`: key -> range), if it is one."""
+    for branch in _branches(node):
+        values = _resolve(branch, schemas).get("additionalProperties")
+        if isinstance(values, dict) and _is_object_schema(_resolve(values, schemas)):
+            return _resolve(values, schemas)
+    return None
+
+
 def _default(node: dict[str, Any], *, required: bool, fallback: Any = None) -> str:
     if "default" in node:
         return _code(node["default"])
@@ -300,6 +309,8 @@ def config_rows(schema: dict[str, Any], fields: list[str]) -> list[tuple[str, ..
             default = "fields below"
         rows.append((f"`{name}`", _type(node, schemas, link_objects=False), default, _allowed(node, schemas),
                      _description(node, schemas)))
+        # A map's values are documented under the map's name (`search.space.type`: each entry's type).
+        nested = nested if nested is not None else _map_values(node, schemas)
         if nested is not None:
             inner_required = set(nested.get("required", ()))
             for key, sub in nested.get("properties", {}).items():

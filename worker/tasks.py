@@ -89,8 +89,8 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
     else:
         error = None
 
-    with session_scope(settings.sqlalchemy_url) as session:
-        if error is not None:
+    if error is not None:
+        with session_scope(settings.sqlalchemy_url) as session:
             ok = move(session, job_id=job_id, source=JobStatus.VALIDATING_FILES, target=JobStatus.FAILED,
                       by=Actor.VALIDATOR, error=error, finished_at=now(), lease_until=None)
             if ok:
@@ -100,6 +100,7 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
         if ok and parent_job:
             publish_advance(settings, parent_job)  # the search records it and goes on
         return JobStatus.FAILED if ok else ""
+    with session_scope(settings.sqlalchemy_url) as session:
         resolved = spec.model_copy(update={"task": task})
         ok = move(session, job_id=job_id, source=JobStatus.VALIDATING_FILES, target=JobStatus.QUEUED,
                   by=Actor.VALIDATOR, queued_at=now(), task=str(task),

@@ -43,6 +43,7 @@ class TrialPruning:
             own = session.get(Job, self.job_id)
             info = dict(own.child_info or {})
             info["intermediate"] = {**(info.get("intermediate") or {}), str(evaluation): float(value)}
+            info["steps"] = step  # trained so far (the last evaluation is at the last step)
             prune = False
             if self.config.pruner.type != "none":
                 parent = session.get(Job, self.parent_id)

@@ -16,20 +16,19 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core.spec import JobSpec
 from lathe import lifecycle
 from lathe.db.queries import add_event
 from lathe.db.session import session_scope
-from lathe.db.tables import TERMINAL, Job, JobStatus, Metric, new_id, now
+from lathe.db.tables import TERMINAL, Job, JobStatus, new_id, now
 from lathe.errors import LatheError
 from lathe.lifecycle import Actor
 from lathe.queue import publish_validate
 from lathe.quotas import active_jobs, lock_tenant
-from lathe.search.space import objective_of, space_of, trial_spec, validated_trial
-from lathe.search.study import Study, grid_size
+from lathe.search.space import grid_size, objective_of, space_of, trial_spec, validated_trial
 from lathe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -143,6 +142,8 @@ class _Search:
                     "the next trial starts when a job finishes"))
             return []
         self.state["waiting"] = False
+        from lathe.search.study import Study  # Optuna (and numpy) only where a search starts trials
+
         warm = list(self.state.get("warm_start") or [])
         study = Study(self.parent.id, maximize=self.maximize, space=self.space, sampler=self.config.sampler,
                       pruner=self.config.pruner, seed=self.parent.seed,
@@ -232,20 +233,16 @@ class _Search:
     # -- the leaderboard -------------------------------------------------------------------------
 
     def save_board(self) -> None:
-        self.state.update(board(self.session, self.children, metric=self.metric, maximize=self.maximize,
-                                total=self.total))
+        self.state.update(board(self.children, metric=self.metric, maximize=self.maximize, total=self.total))
         self.parent.search = self.state
 
 
 ORDER = {"complete": 0, "pruned": 1, "running": 2, "cancelled": 3, "failed": 4}
 
 
-def board(session: Session, children: list[Job], *, metric: str, maximize: bool, total: int) -> dict[str, Any]:
+def board(children: list[Job], *, metric: str, maximize: bool, total: int) -> dict[str, Any]:
     """The parent's public record: the objective, the best trial and the leaderboard (best first:
     finished trials by value, then pruned ones by their last value, then the rest by number)."""
-    steps = dict(session.execute(select(Metric.job_id, func.max(Metric.step))
-                                 .where(Metric.job_id.in_([c.id for c in children]), Metric.split == "train")
-                                 .group_by(Metric.job_id)).all()) if children else {}
     clock = time.time()
     rows = []
     for c in children:
@@ -256,7 +253,7 @@ def board(session: Session, children: list[Job], *, metric: str, maximize: bool,
             value = info["intermediate"][max(info["intermediate"], key=int)]
         seconds = ((c.finished_at or clock) - c.started_at) if c.started_at else None
         rows.append({"trial": c.child_index, "job": c.id, "status": c.status, "state": state, "params": info.get("params"),
-                     "value": value, "steps": steps.get(c.id), "seconds": int(seconds) if seconds is not None else None})
+                     "value": value, "steps": info.get("steps"), "seconds": int(seconds) if seconds is not None else None})
     sign = -1 if maximize else 1
     rows.sort(key=lambda r: (ORDER.get(r["state"], 5), sign * r["value"] if r["value"] is not None and
                              r["state"] in ("complete", "pruned") else 0, r["trial"]))

@@ -58,6 +58,14 @@ def objective_of(spec: JobSpec) -> tuple[str, bool]:
     return metric, ALL_METRICS[metric] if mode == "auto" else mode == "max"
 
 
+def grid_size(space: dict[str, SearchParam]) -> int:
+    """How many points the grid sampler has to visit."""
+    size = 1
+    for param in space.values():
+        size *= len(param.grid())
+    return size
+
+
 def check_keys(space: dict[str, SearchParam]) -> None:
     """Every key names a searchable field of the job body.
 

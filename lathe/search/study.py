@@ -42,13 +42,6 @@ def distribution(param: SearchParam) -> BaseDistribution:
     return FloatDistribution(param.low, param.high, log=param.log, step=param.step)
 
 
-def grid_size(space: dict[str, SearchParam]) -> int:
-    size = 1
-    for param in space.values():
-        size *= len(param.grid())
-    return size
-
-
 def make_sampler(cfg: SamplerConfig, space: dict[str, SearchParam], *, seed: int) -> optuna.samplers.BaseSampler:
     options = {"n_startup_trials": cfg.n_startup_trials} if cfg.n_startup_trials is not None else {}
     if cfg.type == "tpe":
