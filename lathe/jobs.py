@@ -1,6 +1,7 @@
-"""The jobs service: a job request typed into a JobSpec and stored, and a user's cancel, pause and
-resume. Keyword-only functions that the API's routes call (and, next, searches and ensembles for
-their children); the caller commits nothing itself: each function commits what it changes.
+"""The jobs service: a job request typed into a JobSpec and stored (a search's judged by
+lathe.search first), and a user's cancel, pause and resume (a search's cancel reaching its trials).
+Keyword-only functions that the API's routes call; the caller commits nothing itself: each
+function commits what it changes.
 """
 
 from __future__ import annotations

@@ -611,3 +611,15 @@ def test_refusing_needs_no_torch():
 
 def test_refusal_is_a_plain_record():
     assert Refusal("config.packing", "why") == Refusal("config.packing", "why")
+
+
+def test_evaluations_per_epoch_yields_to_eval_every_steps():
+    assert refused({"config.eval_every_steps": 10, "config.evaluations_per_epoch": 2}) == ["config.evaluations_per_epoch"]
+    assert refused({"config.evaluations_per_epoch": 2}) == []
+    assert refused({"config.evaluations_per_epoch": 2}, validation=False) == ["config.evaluations_per_epoch"]
+
+
+def test_a_search_objective_must_be_a_metric_of_the_task():
+    assert refused({"config.search.objective.metric": "perplexity"}, task=TEXT) == ["config.search.objective.metric"]
+    assert refused({"config.search.objective.metric": "perplexity"}, task=CAUSAL) == []
+    assert refused({"config.search.trials": 3}, validation=False) == ["config.search"]

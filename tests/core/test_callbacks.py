@@ -1,6 +1,14 @@
 """Callbacks driven by scripted states and metrics (no model)."""
 
-from core.callbacks import CheckpointSchedule, Control, EarlyStopping, EvaluationSchedule, StopRequest, TrainState
+from core.callbacks import (
+    CheckpointSchedule,
+    Control,
+    EarlyStopping,
+    EvaluationSchedule,
+    Pruning,
+    StopRequest,
+    TrainState,
+)
 
 
 def evaluate_all(callback, values, metric="loss"):
@@ -52,6 +60,47 @@ def test_evaluation_schedule_per_epoch_and_last_step():
         if control.should_evaluate:
             steps.append(step)
     assert steps == [4, 8, 10]
+
+
+def evaluation_steps(cb: EvaluationSchedule, *, max_steps: int, steps_per_epoch: int) -> list[int]:
+    steps, state = [], TrainState(max_steps=max_steps, steps_per_epoch=steps_per_epoch)
+    for step in range(1, max_steps + 1):
+        state.step, control = step, Control()
+        cb.on_step_end(state, control)
+        if control.should_evaluate:
+            steps.append(step)
+    return steps
+
+
+def test_evaluations_per_epoch_are_evenly_spaced_and_end_each_epoch():
+    assert evaluation_steps(EvaluationSchedule(None, 2), max_steps=24, steps_per_epoch=12) == [6, 12, 18, 24]
+    assert evaluation_steps(EvaluationSchedule(None, 3), max_steps=20, steps_per_epoch=10) == [3, 7, 10, 13, 17, 20]
+    # More evaluations than steps in an epoch: once a step, no more.
+    assert evaluation_steps(EvaluationSchedule(None, 5), max_steps=6, steps_per_epoch=3) == [1, 2, 3, 4, 5, 6]
+    assert evaluation_steps(EvaluationSchedule(4, 3), max_steps=10, steps_per_epoch=5) == [4, 8, 10]  # N steps wins
+
+
+def test_pruning_counts_evaluations_stops_without_saving_and_resumes_its_count():
+    seen = []
+
+    def should_prune(evaluation, step, metrics):
+        seen.append((evaluation, step, metrics["loss"]))
+        return metrics["loss"] > 1.0
+
+    cb = Pruning(should_prune)
+    state = TrainState(step=6)
+    control = Control(should_save=True)
+    cb.on_evaluate(state, control, {"loss": 0.5})
+    assert not control.should_stop and control.should_save and not state.pruned
+    state.step = 12
+    cb.on_evaluate(state, control, {"loss": 2.0})
+    assert control.should_stop and not control.should_save and state.pruned
+    assert seen == [(1, 6, 0.5), (2, 12, 2.0)]
+    resumed = Pruning(should_prune)
+    resumed.load_state_dict(cb.state_dict())
+    resumed.on_evaluate(TrainState(step=18), Control(), {"loss": 0.1})
+    assert seen[-1] == (3, 18, 0.1)
+    assert "pruned" not in state.state_dict()  # a resumed run decides afresh
 
 
 def test_checkpoint_schedule_saves_every_n_and_new_bests():

@@ -180,3 +180,25 @@ def test_a_search_is_not_paused_or_resumed(settings, action):
         with session_scope(settings.sqlalchemy_url) as session:
             jobs.act(session, tenant_id=get_job(settings, parent).tenant_id, job_id=parent, action=action)
     assert getattr(e.value, "code", None) == "search_not_pausable"
+
+
+def test_warm_start_seeds_a_new_search_with_an_earlier_ones_finished_trials(settings):
+    earlier = create_search(settings, trials=3, parallel=3, sampler={"type": "tpe", "n_startup_trials": 2})
+    advance(settings, earlier)
+    done = trials(settings, earlier)
+    for trial, loss in zip(done, (0.6, 0.2, 0.5)):
+        finish(settings, trial.id, loss=loss)
+    advance(settings, earlier)
+    tenant = tenant_of(settings, earlier)
+    cold = create_search(settings, tenant_id=tenant, trials=1, parallel=1, sampler={"type": "tpe", "n_startup_trials": 2})
+    warm = create_search(settings, tenant_id=tenant, trials=1, parallel=1, warm_start_from=earlier,
+                         sampler={"type": "tpe", "n_startup_trials": 2})
+    records = get_job(settings, warm).search["warm_start"]
+    assert [r["from"] for r in records] == [t.id for t in done]
+    assert [r["value"] for r in records] == [0.6, 0.2, 0.5] and {r["state"] for r in records} == {"complete"}
+    advance(settings, cold)
+    advance(settings, warm)
+    [cold_trial], [warm_trial] = trials(settings, cold), trials(settings, warm)
+    # Past its 2 startup trials thanks to the 3 it was given, TPE models them; the cold search samples at random.
+    assert warm_trial.child_index == 0 and warm_trial.child_info["params"] != cold_trial.child_info["params"]
+    assert get_job(settings, warm).search["trials"][0]["trial"] == 0
