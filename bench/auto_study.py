@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--causal-epochs", nargs="+", type=int, default=[1, 3])
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--cells", nargs="*", default=[], help="only these grid cells, in this order, as LR@EPOCHS")
     ap.add_argument("--skip", nargs="*", default=[], help="grid cells not to run, as LR@EPOCHS (4e-4@16)")
     ap.add_argument("--budget-minutes", type=float, default=100)
     ap.add_argument("--deadline", type=float, default=None, help="unix time past which no run starts "
@@ -120,12 +121,16 @@ class Study:
                 self._job(model, name, size, files, lr=None, epochs=None)
                 if self.args.only_auto:
                     continue
-                for epochs in self.args.epochs_small if size < 1024 else self.args.epochs_large:
-                    for lr in self.args.lrs:
-                        if any(math.isclose(lr, float(a)) and epochs == int(b)
-                               for a, b in (cell.split("@") for cell in self.args.skip)):
-                            continue
-                        self._job(model, name, size, files, lr=lr, epochs=epochs)
+                for lr, epochs in self._cells(size):
+                    self._job(model, name, size, files, lr=lr, epochs=epochs)
+
+    def _cells(self, size: int) -> list[tuple[float, int]]:
+        """--cells as given, else --lrs x the size's epochs (epochs outer) less --skip."""
+        if self.args.cells:
+            return [(float(a), int(b)) for a, b in (cell.split("@") for cell in self.args.cells)]
+        skip = [(float(a), int(b)) for a, b in (cell.split("@") for cell in self.args.skip)]
+        return [(lr, epochs) for epochs in (self.args.epochs_small if size < 1024 else self.args.epochs_large)
+                for lr in self.args.lrs if not any(math.isclose(lr, a) and epochs == b for a, b in skip)]
 
     def _subset(self, name: str, size: int) -> dict[str, Path]:
         import pandas as pd

@@ -77,13 +77,15 @@ def _act(request: Request, session, tenant, job_id: str, action: str) -> FineTun
 
 @router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob, responses=error_responses(404, 409))
 def cancel_job(request: Request, fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep) -> FineTuningJob:
-    """Cancel a job: at once when it is not running, else it becomes cancelling until the worker stops it."""
+    """Cancel a job: at once when it is not running, else it becomes cancelling until the worker stops it.
+    Cancelling a search cancels its unfinished trials."""
     return _act(request, session, tenant, fine_tuning_job_id, "cancel")
 
 
 @router.post("/{fine_tuning_job_id}/pause", response_model=FineTuningJob, responses=error_responses(404, 409))
 def pause_job(request: Request, fine_tuning_job_id: str, tenant: TenantDep, session: SessionDep) -> FineTuningJob:
-    """Pause a job: a running one checkpoints and frees its worker; resume continues from there."""
+    """Pause a job: a running one checkpoints and frees its worker; resume continues from there.
+    A search is not paused (409): pause its trials."""
     return _act(request, session, tenant, fine_tuning_job_id, "pause")
 
 
