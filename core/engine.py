@@ -144,11 +144,12 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
     started = time.time()
     job = build_job(spec, paths, sink, cache)
     model, data, adapter, device, precision = job.model, job.data, job.adapter, job.device, job.precision
-    batch_size, n_epochs, accum = spec.batch_size(len(data.train)), spec.n_epochs(), cfg.gradient_accumulation_steps
+    batch_size, n_epochs, accum = spec.batch_size(len(data.train)), spec.n_epochs(len(data.train)), cfg.gradient_accumulation_steps
+    n_params = _n_params(model)  # the learning rate "auto" picks for an encoder depends on it
     sampler = BatchSampler(data.train.lengths, batch_size=batch_size, seed=spec.seed, group_by_length=cfg.group_by_length)
     steps_per_epoch = math.ceil(len(sampler) / accum)
     max_steps = n_epochs * steps_per_epoch
-    optimizer = build_optimizer(model, cfg.optimizer, lr=spec.learning_rate(job.task))
+    optimizer = build_optimizer(model, cfg.optimizer, lr=spec.learning_rate(job.task, n_params))
     scheduler = build_scheduler(optimizer, cfg.scheduler, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
     scaler = precision.grad_scaler(device)
     state = TrainState(max_steps=max_steps, steps_per_epoch=steps_per_epoch, batches_per_epoch=len(sampler))
@@ -303,7 +304,7 @@ def finish(spec: JobSpec, paths: RunPaths, sink: MetricsSink, job: Job, state: T
     test set measured, and the model exported (and packed, if `archive`)."""
     ended = time.time()
     data, model = job.data, job.model
-    hyperparameters = spec.resolved_hyperparameters(len(data.train), job.task)
+    hyperparameters = spec.resolved_hyperparameters(len(data.train), job.task, _n_params(model))
     metrics: dict[str, Any] = {
         "latest": state.latest_metrics,
         "best": state.best_metrics,
@@ -393,6 +394,10 @@ def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> float:
     """Backpropagate `loss` (scaled for fp16) and return its value."""
     (scaler.scale(loss) if scaler else loss).backward()
     return loss.item()
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def _all_params(optimizer: torch.optim.Optimizer) -> set[torch.nn.Parameter]:

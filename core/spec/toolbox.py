@@ -123,8 +123,9 @@ class OptimizerConfig(Strict):
                              "(momentum, nesterov), adafactor (transformers', factored second moments)."
     )
     learning_rate: Annotated[float, Field(gt=0, le=1.0)] | None = Field(
-        None, description="Absolute peak learning rate; overrides base LR x learning_rate_multiplier. "
-                          "Base: 5e-5 for encoders (2e-3 with LoRA), 2e-5 for causal LMs (1e-4 with LoRA), 1e-3 for vision."
+        None, description="Absolute peak learning rate; overrides base LR x learning_rate_multiplier. Base: "
+                          "encoders 1e-4 at ~23M parameters, falling with the square root of the size (5e-5 "
+                          "at 110M; 2e-3 with LoRA), 2e-5 for causal LMs (1e-4 with LoRA), 1e-3 for vision."
     )
     head_learning_rate: Annotated[float, Field(gt=0, le=1.0)] | None = Field(
         None, description="A separate learning rate for the head (new layers learn faster); default the same. "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from core.spec import HeadConfig, JobSpec, TrainingConfig
+from core.spec import HeadConfig, JobSpec, Task, TrainingConfig
 
 BASE = {"model": "base", "training_file": "file-train"}
 
@@ -112,3 +112,32 @@ def test_the_stored_form_keeps_what_was_set_and_nothing_else():
     assert again.config.freeze.model_fields_set == {"patterns"}
     assert again.config.early_stopping.model_fields_set == set()
     assert again.hyperparameters.model_fields_set == {"n_epochs"}
+
+
+def test_auto_epochs_reach_a_minimum_number_of_steps_on_small_sets():
+    spec = JobSpec(model="m", training_file="f")
+    assert spec.n_epochs() == 3  # the size not known yet
+    assert spec.n_epochs(300) == 16  # batch 16: 19 steps a pass; 300 steps would need 16 passes
+    assert spec.n_epochs(2000) == 5  # batch 32: 63 steps a pass
+    assert spec.n_epochs(9000) == 3  # 282 steps a pass: the floor of 3
+    assert spec.n_epochs(60) == 16  # capped
+    accumulating = JobSpec(model="m", training_file="f", config={"gradient_accumulation_steps": 4})
+    assert accumulating.n_epochs(2000) == 16  # 16 optimizer steps a pass
+    assert JobSpec(model="m", training_file="f", hyperparameters={"n_epochs": 2}).n_epochs(300) == 2
+    assert spec.resolved_hyperparameters(300)["n_epochs"] == 16
+
+
+def test_auto_learning_rate_of_an_encoder_falls_with_its_size():
+    spec = JobSpec(model="m", training_file="f")
+    assert spec.learning_rate(Task.TEXT_CLASSIFICATION, 22_700_000) == pytest.approx(1e-4)
+    assert spec.learning_rate(Task.TEXT_CLASSIFICATION, 110_000_000) == pytest.approx(4.54e-5, rel=0.01)
+    assert spec.learning_rate(Task.TEXT_CLASSIFICATION, 3_000_000_000) == pytest.approx(2e-5)
+    assert spec.learning_rate(Task.TEXT_CLASSIFICATION, 40_000) == pytest.approx(1e-4)  # never above
+    assert spec.learning_rate(Task.TEXT_CLASSIFICATION) == pytest.approx(5e-5)  # size not known
+    assert spec.learning_rate(Task.TOKEN_CLASSIFICATION, 22_700_000) == pytest.approx(1e-4)
+    lora = JobSpec(model="m", training_file="f", config={"lora": {}})
+    assert lora.learning_rate(Task.TEXT_CLASSIFICATION, 22_700_000) == pytest.approx(2e-3)
+    assert spec.learning_rate(Task.IMAGE_CLASSIFICATION, 11_000_000) == pytest.approx(1e-3)
+    doubled = JobSpec(model="m", training_file="f", hyperparameters={"learning_rate_multiplier": 2})
+    assert doubled.learning_rate(Task.TEXT_CLASSIFICATION, 22_700_000) == pytest.approx(2e-4)
+    assert doubled.resolved_hyperparameters(100, Task.TEXT_CLASSIFICATION, 22_700_000)["learning_rate_multiplier"] == 2
