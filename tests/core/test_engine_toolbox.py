@@ -80,7 +80,7 @@ def test_regression_learns_in_the_labels_units_and_exports_them(tiny_bert_dir, t
 
     train = write_text_dataset(tmp_path / "t.csv", rows(200, 0))
     test = write_text_dataset(tmp_path / "s.csv", rows(40, 1))
-    result = run(spec({"n_epochs": 10, "learning_rate_multiplier": 40}, metric_for_best_model="r2"),
+    result = run(spec({"n_epochs": 10, "learning_rate_multiplier": 20}, metric_for_best_model="r2"),
                  paths(tiny_bert_dir, train, tmp_path / "w", validation=test, test=test), ListSink())
     metrics = result.metrics["test"]
     assert metrics["r2"] > 0.8 and result.metrics["baseline_test"]["r2"] < 0.2
