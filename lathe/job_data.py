@@ -51,11 +51,13 @@ def stream_batch(session: Session, *, tenant_id: str, job_id: str, after_seq: in
     """The next events of a stream, oldest first, and whether the job has finished (or is gone).
 
     A finished job's last events are committed with its status, so a caller that sees `finished`
-    with fewer than `limit` events has them all.
+    with fewer than `limit` events has them all. The status is read first: each statement may see
+    a newer snapshot (PostgreSQL's read committed, SQLite outside a write), and events read after a
+    terminal status include those committed with it, where events read before it might not.
     """
+    status = session.scalar(select(Job.status).where(Job.id == job_id, Job.tenant_id == tenant_id))
     events = list(session.scalars(
         select(Event).where(Event.job_id == job_id, Event.seq > after_seq).order_by(Event.seq).limit(limit)))
-    status = session.scalar(select(Job.status).where(Job.id == job_id, Job.tenant_id == tenant_id))
     return events, status is None or status in TERMINAL
 
 

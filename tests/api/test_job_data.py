@@ -6,9 +6,14 @@ import json
 import threading
 import time
 
+from sqlalchemy import create_engine
+from sqlalchemy import event as sa_event
+from sqlalchemy.orm import Session
+
 from lathe.db.tables import Checkpoint, Job, JobStatus, Metric, new_id
 from lathe.db.queries import add_event
 from lathe.db.session import session_scope
+from lathe.job_data import stream_batch
 from tests.api.test_basics import assert_error
 from tests.api.test_jobs import JOBS, create, set_status
 
@@ -84,6 +89,38 @@ def test_sse_stream_follows_until_terminal(client, acme, train_file, settings):
     assert time.monotonic() - started < 10
     assert [e["message"] for e in events] == ["Created fine-tuning job", "step 0", "step 1",
                                               "The job has successfully completed"]
+
+
+def test_a_stream_never_ends_before_the_events_committed_with_the_final_status(client, acme, train_file, settings):
+    # The worker's last events and terminal status commit together; here that commit lands between
+    # the two statements of a stream's poll, the window where a poll could see the status but not
+    # the events (as it once did in CI). A poll that reports `finished` must hold the last event.
+    job_id = make_job(client, acme, train_file)
+    set_status(settings, job_id, JobStatus.RUNNING)
+    engine = create_engine(settings.sqlalchemy_url)
+    statements = []
+
+    def finish_between_statements(conn, cursor, statement, *args):  # noqa: ANN001
+        statements.append(statement)
+        if len(statements) == 2:
+            with session_scope(settings.sqlalchemy_url) as s:
+                add_event(s, job_id=job_id, message="The job has successfully completed")
+                s.get(Job, job_id).status = JobStatus.SUCCEEDED
+
+    sa_event.listen(engine, "before_cursor_execute", finish_between_statements)
+    try:
+        with Session(engine) as session:
+            events, finished = stream_batch(session, tenant_id=tenant_of(settings, job_id), job_id=job_id,
+                                            after_seq=0)
+    finally:
+        engine.dispose()
+    assert len(statements) == 2
+    assert not finished or events[-1].message == "The job has successfully completed"
+
+
+def tenant_of(settings, job_id: str) -> str:
+    with session_scope(settings.sqlalchemy_url) as s:
+        return s.get(Job, job_id).tenant_id
 
 
 def test_checkpoints_and_metrics(client, acme, sdk, train_file, settings):
