@@ -58,6 +58,7 @@ TASKS: dict[str, frozenset[Task]] = {
     "config.tokens_column": frozenset({TOKEN}),
     "config.tags_column": frozenset({TOKEN}),
     "config.image_column": frozenset({IMAGE}),
+    "config.weight_column": frozenset({TEXT, IMAGE}),  # image: Parquet only (see _data_rules)
     "config.problem_type": frozenset({TEXT}),
     "config.label_separator": frozenset({TEXT}),
     "config.max_length": TEXT_INPUT,
@@ -356,7 +357,7 @@ def _data_rules(job: _Job) -> None:
             job.refuse("config.train_on_inputs", "has no effect: every row is plain text, whose tokens are all "
                                                  "learned anyway.")
     if job.task == IMAGE and data.image_formats and "parquet" not in data.image_formats:
-        for path in ("config.image_column", "config.label_column"):
+        for path in ("config.image_column", "config.label_column", "config.weight_column"):
             job.refuse(path, "applies to Parquet image datasets; this job's images come in a zip of label folders.")
 
 

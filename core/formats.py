@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +116,34 @@ def sort_labels(labels: Counter[str] | set[str] | list[str]) -> list[str]:
 
 def value_kind(value: Any) -> str:
     return {dict: "an object", list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def example_weight(value: Any, *, where: str, column: str, param: str) -> float:
+    """A training row's loss weight (config.weight_column): a finite number, zero or more.
+
+    Raises:
+        DataError: a missing, non-numeric, negative or infinite weight, naming the row.
+    """
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) or number < 0:
+        shown = value_kind(value) if not isinstance(value, (str, int, float)) else repr(value)
+        raise DataError(f"{where}: {column!r} must be a weight (a finite number >= 0), not {shown}.", param=param)
+    return float(number)
+
+
+def check_weights(weights: list[float], *, name: str, column: str) -> None:
+    """Something must count: a training file whose every weight is 0 trains nothing.
+
+    Raises:
+        DataError: param config.weight_column.
+    """
+    if weights and not any(weights):
+        raise DataError(f"Every {column!r} of {name} is 0: no row would count.", param="config.weight_column")
 
 
 def records(path: Path, fmt: str, *, param: str) -> Iterator[tuple[int, dict[str, Any]]]:

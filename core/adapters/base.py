@@ -34,9 +34,17 @@ class Split:
     features: dict[str, list[Any]]  # input name -> one entry per example (token id lists, image tensors, ...)
     targets: list[Any]  # one per example: class id, [0/1 per label], float, [tag id per token], ...
     lengths: list[int]  # tokens per example (1 for images): drives length grouping and padding
+    # Per-example loss weights (config.weight_column), training only; keyword-only so subclasses can add fields.
+    weights: list[float] | None = field(default=None, kw_only=True)
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def weight_tensor(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """{"weight": the examples' loss weights} for a batch, or {} when the split has none."""
+        if self.weights is None:
+            return {}
+        return {"weight": torch.tensor([self.weights[i] for i in indices], dtype=torch.float32)}
 
 
 @dataclass
@@ -54,6 +62,8 @@ class TaskData:
            labels: list[str] | None) -> TaskData:
         """The TaskData of parsed files (request field -> ParsedFile): each split `encode(param, rows)`."""
         splits = {param: encode(param, file.rows) for param, file in parsed.items()}
+        for param, file in parsed.items():
+            splits[param].weights = file.weights
         return cls(splits["training_file"], splits.get("validation_file"), splits.get("test_file"), labels=labels,
                    summaries={param: file.summary for param, file in parsed.items()})
 
@@ -144,8 +154,12 @@ class TaskAdapter:
         nothing else), so that a resumed run sees the same augmented batches."""
         raise NotImplementedError
 
-    def units(self, batch: dict[str, torch.Tensor]) -> int:
-        """How many terms `loss_sum` adds up for this batch (examples by default)."""
+    def units(self, batch: dict[str, torch.Tensor]) -> float:
+        """How many terms `loss_sum` adds up for this batch: examples by default, or the sum of
+        their weights when the batch has per-example weights (so a step's loss is their weighted
+        mean, and a weight of 2 is exactly a row seen twice)."""
+        if "weight" in batch:
+            return float(batch["weight"].sum())
         return int(batch["labels"].shape[0])
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
@@ -214,6 +228,13 @@ class TaskAdapter:
             predictions.append(preds)
         model.train(was_training)
         return self.compute_metrics(predictions, targets, loss=loss_sum / max(1, units), report=report)
+
+
+def weighted_sum(losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-example losses summed, each scaled by its weight when the batch has weights."""
+    if "weight" in batch:
+        return (losses * batch["weight"].to(losses.device)).sum()
+    return losses.sum()
 
 
 def class_weights(labels: list[str], counts: dict[str, int], setting: str | dict[str, float] | None) -> torch.Tensor | None:

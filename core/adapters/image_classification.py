@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from core import metrics as M
-from core.adapters.base import Split, TaskAdapter, TaskData, class_weights
+from core.adapters.base import Split, TaskAdapter, TaskData, class_weights, weighted_sum
 from core.augment_image import ImageAugmenter, is_identity, processor_pixel_range
 from core.cache import digest, processor_fingerprint
 from core.datasets import ParsedFile
@@ -196,20 +196,20 @@ class ImageClassification(TaskAdapter):
         else:
             pixel_values = _look_up(self.pixel_table, pixels) if uint8 else pixels
         labels = torch.tensor([split.targets[i] for i in indices], dtype=torch.long)
-        return {"pixel_values": pixel_values, "labels": labels}
+        return {"pixel_values": pixel_values, "labels": labels, **split.weight_tensor(indices)}
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """Summed cross-entropy (label smoothing, class weights) and the softmax probabilities.
 
         With class weights each example's loss is scaled by its class's weight; the engine then
-        divides by the number of examples (torch's weighted "mean" would divide by the weights' sum).
-        Evaluation uses the same loss, so training and validation losses compare.
+        divides by the number of examples (torch's weighted "mean" would divide by the weights' sum),
+        or by the sum of the examples' own weights (config.weight_column). Evaluation uses the same loss, so training and validation losses compare.
         """
         logits = model(pixel_values=batch["pixel_values"], **self.forward_kwargs).logits.float()
         weights = None if self.weights is None else self.weights.to(logits.device)
-        loss = F.cross_entropy(logits, batch["labels"], weight=weights, reduction="sum",
+        loss = F.cross_entropy(logits, batch["labels"], weight=weights, reduction="none",
                                label_smoothing=self.config.loss.label_smoothing)
-        return loss, logits.softmax(-1).detach().cpu()
+        return weighted_sum(loss, batch), logits.softmax(-1).detach().cpu()
 
     def compute_metrics(
         self, predictions: list[Any], targets: list[Any], *, loss: float, report: bool

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from core import metrics as M
-from core.adapters.base import Split, TaskAdapter, TaskData, class_weights
+from core.adapters.base import Split, TaskAdapter, TaskData, class_weights, weighted_sum
 from core.cache import Ragged, digest, processor_fingerprint
 from core.datasets import ParsedFile
 from core.datasets import text as reader
@@ -70,8 +70,12 @@ class TextClassification(TaskAdapter):
         elif self.config.loss.class_weights is not None:
             raise EngineError("class_weights do not apply to regression.", param="config.loss.class_weights")
         else:
+            # Weighted by the rows' weights when they have them: a weight of 2 is a row seen twice.
             values = np.asarray(parsed["training_file"].rows[1], dtype=np.float64)
-            self.target_mean, self.target_std = float(values.mean()), float(values.std()) or 1.0
+            weights = parsed["training_file"].weights
+            mean = float(np.average(values, weights=weights))
+            std = float(np.sqrt(np.average((values - mean) ** 2, weights=weights)))
+            self.target_mean, self.target_std = mean, std or 1.0
         self.labels = labels
         ids = {label: i for i, label in enumerate(labels)}
 
@@ -131,7 +135,7 @@ class TextClassification(TaskAdapter):
         targets = [split.targets[i] for i in indices]
         dtype = torch.long if self.problem_type == ProblemType.SINGLE_LABEL else torch.float32
         batch["labels"] = torch.tensor(targets, dtype=dtype)
-        return batch
+        return batch | split.weight_tensor(indices)
 
     def _augment(self, rows: dict[str, list], config, rng: np.random.Generator) -> dict[str, list]:
         """Token edits on input_ids; the other features are rebuilt to match (mask 1, segment 0)."""
@@ -146,22 +150,23 @@ class TextClassification(TaskAdapter):
         return out
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "weight")}
         logits = model(**inputs).logits.float()
         target = batch["labels"]
         weights = None if self.weights is None else self.weights.to(logits.device)
         if self.problem_type == ProblemType.REGRESSION:
             value = logits.squeeze(-1)
-            return F.mse_loss(value, target, reduction="sum"), value.detach().cpu()
+            return weighted_sum(F.mse_loss(value, target, reduction="none"), batch), value.detach().cpu()
         if self.problem_type == ProblemType.MULTI_LABEL:
             # Mean over labels per example, summed over examples; class weights weigh positives.
             loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=weights, reduction="none")
-            return loss.mean(-1).sum(), logits.sigmoid().detach().cpu()
+            return weighted_sum(loss.mean(-1), batch), logits.sigmoid().detach().cpu()
         # With class weights each example's loss is scaled by its class's weight; the engine then
-        # divides by the number of examples (torch's weighted "mean" would divide by the weights' sum).
-        loss = F.cross_entropy(logits, target, weight=weights, reduction="sum",
+        # divides by the number of examples (torch's weighted "mean" would divide by the weights' sum),
+        # or by the sum of the examples' own weights (config.weight_column) when they have them.
+        loss = F.cross_entropy(logits, target, weight=weights, reduction="none",
                                label_smoothing=self.config.loss.label_smoothing)
-        return loss, logits.softmax(-1).detach().cpu()
+        return weighted_sum(loss, batch), logits.softmax(-1).detach().cpu()
 
     def compute_metrics(self, predictions: list[Any], targets: list[Any], *, loss: float, report: bool) -> dict[str, Any]:
         predicted = torch.cat(predictions).numpy()

@@ -42,6 +42,13 @@ class ParsedFile:
 
     rows: Any  # text: (texts, labels); tokens: [TaggedSentence]; chat: [Conversation]; images: [ImageRow]
     summary: DatasetSummary
+    weights: list[float] | None = None  # the training file's config.weight_column, one per row
+
+
+def weighted(param: str, config: TrainingConfig) -> bool:
+    """Whether a file's rows carry a loss weight: the training file's, when config.weight_column
+    names one (validation and test are scored unweighted, so their files need no such column)."""
+    return param == "training_file" and config.weight_column is not None
 
 
 def reader(task: Task):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from core import archives, formats
-from core.datasets import DatasetSummary, ParsedFile
+from core.datasets import DatasetSummary, ParsedFile, weighted
 from core.errors import DataError
 from core.spec import Task, TrainingConfig
 
@@ -54,6 +54,7 @@ class ImageRow:
     data: bytes  # the encoded image (PNG, JPEG, ...), as stored
     label: str
     where: str  # the zip member's path or "row N", for error messages
+    weight: float | None = None  # the training file's config.weight_column (Parquet)
 
 
 def inspect(path: Path, *, param: str, config: TrainingConfig) -> DatasetSummary:
@@ -83,7 +84,8 @@ def parse(path: Path, *, param: str, config: TrainingConfig) -> ParsedFile:
     """
     rows: list[ImageRow] = []
     summary = _summarize(path, _format(path, param=param), param=param, config=config, keep=rows)
-    return ParsedFile(rows=rows, summary=summary)
+    weights = [row.weight for row in rows] if weighted(param, config) else None
+    return ParsedFile(rows=rows, summary=summary, weights=weights)
 
 
 def _summarize(path: Path, fmt: str, *, param: str, config: TrainingConfig,
@@ -92,13 +94,17 @@ def _summarize(path: Path, fmt: str, *, param: str, config: TrainingConfig,
     counts: Counter[str] = Counter()
     sizes: list[tuple[int, int]] = []
     details: dict[str, Any] = {"format": fmt}
+    weights: list[float] = []
     for row in _rows(path, fmt, param=param, config=config, details=details):
         sizes.append(check_image(row.data, where=row.where, param=param))
         counts[row.label] += 1
+        weights.append(row.weight or 0.0)
         if keep is not None:
             keep.append(row)
     if not sizes:
         raise DataError(f"{path.name} has no images.", param=param)
+    if weighted(param, config):
+        formats.check_weights(weights, name=path.name, column=str(config.weight_column))
     smallest = min(sizes, key=lambda s: s[0] * s[1])
     largest = max(sizes, key=lambda s: s[0] * s[1])
     details |= {"smallest": f"{smallest[0]}x{smallest[1]}", "largest": f"{largest[0]}x{largest[1]}"}
@@ -211,9 +217,12 @@ def _rows(path: Path, fmt: str, *, param: str, config: TrainingConfig,
           details: dict[str, Any] | None = None) -> Iterator[ImageRow]:
     """Every row of a "zip" or "parquet" file; for a zip, `details` gets the top folder skipped (if any)."""
     if fmt == "zip":
+        if weighted(param, config):
+            raise DataError(f"{path.name} is a zip of label folders, which has no column for weights: "
+                            "give the images as Parquet to weigh them.", param="config.weight_column")
         yield from _zip_rows(path, param=param, details={} if details is None else details)
     else:
-        yield from _parquet_rows(path, param=param, config=config)
+        yield from _parquet_rows(path, param=param, config=config, weighted=weighted(param, config))
 
 
 def _zip_rows(path: Path, *, param: str, details: dict[str, Any]) -> Iterator[ImageRow]:
@@ -282,25 +291,32 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, *, param: str)
         raise DataError(f"{info.filename}: corrupt zip member ({e}).", param=param) from None
 
 
-def _parquet_rows(path: Path, *, param: str, config: TrainingConfig) -> Iterator[ImageRow]:
+def _parquet_rows(path: Path, *, param: str, config: TrainingConfig, weighted: bool) -> Iterator[ImageRow]:
     import pyarrow.parquet as pq  # heavy; only Parquet datasets pay for it
 
-    image_column, label_column = config.image_column, config.label_column
+    image_column, label_column, weight_column = config.image_column, config.label_column, config.weight_column
     header = formats.header(path, "parquet", param=param)
     for column in (image_column, label_column):
         if column not in header:
             raise DataError(f"{path.name} has no column {column!r} (columns: {', '.join(header)}).", param=param)
+    if weighted and weight_column not in header:
+        raise DataError(f"{path.name} has no column {weight_column!r} (columns: {', '.join(header)}).",
+                        param="config.weight_column")
+    columns = [image_column, label_column, *([weight_column] if weighted else [])]
     row = 0
     try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[image_column, label_column])
+        batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
         for batch in batches:
-            for image, label in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            weights = batch.column(2).to_pylist() if weighted else [None] * batch.num_rows
+            for image, label, weight in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), weights):
                 row += 1
                 where = f"row {row}"
                 yield ImageRow(
                     data=_image_bytes(image, where=where, column=image_column, param=param),
                     label=_label(label, where=where, column=label_column, param=param),
                     where=where,
+                    weight=(formats.example_weight(weight, where=where, column=str(weight_column), param=param)
+                            if weighted else None),
                 )
     except DataError:
         raise

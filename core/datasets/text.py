@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core import formats
-from core.datasets import DatasetSummary, ParsedFile
+from core.datasets import DatasetSummary, ParsedFile, weighted
 from core.errors import DataError
 from core.spec import ProblemType, Task, TrainingConfig
 
@@ -37,8 +37,13 @@ def inspect(path: Path, *, param: str, config: TrainingConfig) -> DatasetSummary
     Raises:
         DataError: a missing column, an empty text, a missing or malformed label (naming the line).
     """
-    # The texts are not kept: the summary needs the labels only.
-    raw = [(where, value) for where, _, value in _rows(path, param=param, config=config)]
+    # The texts are not kept: the summary needs the labels (and weights) only.
+    raw, weights = [], []
+    for where, _, value, weight in _rows(path, param=param, config=config):
+        raw.append((where, value))
+        weights.append(weight)
+    if weighted(param, config):
+        formats.check_weights(weights, name=path.name, column=str(config.weight_column))
     return _summary(*_labels(path, raw, param=param, config=config))
 
 
@@ -49,8 +54,11 @@ def parse(path: Path, *, param: str, config: TrainingConfig) -> ParsedFile:
         DataError: as `inspect`.
     """
     rows = list(_rows(path, param=param, config=config))
-    kind, values = _labels(path, [(where, value) for where, _, value in rows], param=param, config=config)
-    return ParsedFile(rows=([text for _, text, _ in rows], values), summary=_summary(kind, values))
+    kind, values = _labels(path, [(where, value) for where, _, value, _ in rows], param=param, config=config)
+    weights = [weight for *_, weight in rows] if weighted(param, config) else None
+    if weights is not None:
+        formats.check_weights(weights, name=path.name, column=str(config.weight_column))
+    return ParsedFile(rows=([text for _, text, _, _ in rows], values), summary=_summary(kind, values), weights=weights)
 
 
 def _labels(path: Path, raw: list[tuple[str, Any]], *, param: str, config: TrainingConfig) -> tuple[ProblemType, list[Any]]:
@@ -131,22 +139,30 @@ def problem_type_of(summary: DatasetSummary) -> ProblemType:
 # ---------------------------------------------------------------------------------------------
 
 
-def _rows(path: Path, *, param: str, config: TrainingConfig) -> Iterator[tuple[str, str, Any]]:
-    """(where, text, raw label) for every row, text and presence of both columns checked."""
-    text_column, label_column = config.text_column, config.label_column
+def _rows(path: Path, *, param: str, config: TrainingConfig) -> Iterator[tuple[str, str, Any, float | None]]:
+    """(where, text, raw label, weight or None) for every row, text, weight and presence of the
+    columns checked."""
+    text_column, label_column, weight_column = config.text_column, config.label_column, config.weight_column
+    with_weights = weighted(param, config)
     fmt = formats.dataset_format(path.name)
     if fmt in ("csv", "parquet"):
         header = formats.header(path, fmt, param=param)
         for column in (text_column, label_column):
             if column not in header:
                 raise DataError(f"{path.name} has no column {column!r} (columns: {', '.join(header)}).", param=param)
-    for where, record in formats.located_records(path, fmt, param=param, required=(text_column, label_column)):
+        if with_weights and weight_column not in header:
+            raise DataError(f"{path.name} has no column {weight_column!r} (columns: {', '.join(header)}).",
+                            param="config.weight_column")
+    required = (text_column, label_column, *((weight_column,) if with_weights else ()))
+    for where, record in formats.located_records(path, fmt, param=param, required=required):
         text = record[text_column]
         if not isinstance(text, str):
             raise DataError(f"{where}: {text_column!r} must be a string, not {formats.value_kind(text)}.", param=param)
         if not text.strip():
             raise DataError(f"{where}: {text_column!r} is empty.", param=param)
-        yield where, text, record[label_column]
+        weight = (formats.example_weight(record[weight_column], where=where, column=weight_column, param=param)
+                  if with_weights else None)
+        yield where, text, record[label_column], weight
 
 
 def _problem_type(config: TrainingConfig, raw: list[Any]) -> ProblemType:

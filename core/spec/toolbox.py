@@ -243,6 +243,13 @@ class TrainingConfig(Strict):
                              description="token-classification: key with one tag per word (IOB2, e.g. B-PER).")
     image_column: str = Field("image", min_length=1, max_length=128,
                               description="image-classification (Parquet): column with the image bytes.")
+    weight_column: str | None = Field(
+        None, min_length=1, max_length=128,
+        description="text-classification, image-classification (Parquet): a column of the training file with each "
+                    "row's loss weight (a number >= 0). A step's loss is the weighted mean over its rows: a weight "
+                    "of 2 counts a row as if it appeared twice, 0 leaves it out. Validation and test are unweighted. "
+                    "null: every row weighs 1."
+    )
     problem_type: ProblemType | Literal["auto"] = Field(
         AUTO, description="text-classification only. auto: multi_label when labels are lists (or contain "
                           "label_separator), regression when they are non-integer numbers, else single_label."

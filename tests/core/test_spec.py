@@ -67,7 +67,7 @@ def test_a_full_dump_still_validates():
 def test_defaults_and_bounds_are_unchanged():
     assert TrainingConfig().model_dump(mode="json") == {
         "text_column": "text", "label_column": "label", "tokens_column": "tokens", "tags_column": "tags",
-        "image_column": "image", "problem_type": "auto", "label_separator": None, "max_length": 128,
+        "image_column": "image", "weight_column": None, "problem_type": "auto", "label_separator": None, "max_length": 128,
         "truncation_side": "right", "image_size": None, "packing": False, "train_on_inputs": False,
         "head": {"type": "default", "hidden_sizes": [], "activation": "gelu", "batch_norm": False, "dropout": None},
         "dropout": {"hidden": None, "attention": None, "classifier": None},

@@ -112,6 +112,22 @@ def test_validate_fails_on_missing_label_column(settings):
     assert queued_messages(settings) == []
 
 
+def test_validate_checks_the_weight_column(settings):
+    job_id = make_job(settings, config={"weight_column": "importance"})
+    assert tasks.validate_job(job_id, settings=settings) == JobStatus.FAILED
+    error = get_job(settings, job_id).error
+    assert error["param"] == "config.weight_column" and "'importance'" in error["message"], error
+    rows = [{**r, "importance": 0.5 if i % 2 else 2} for i, r in enumerate(sentiment_rows(20))]
+    rows[5]["importance"] = -1
+    job_id = make_job(settings, train_rows=rows, config={"weight_column": "importance"})
+    assert tasks.validate_job(job_id, settings=settings) == JobStatus.FAILED
+    error = get_job(settings, job_id).error
+    assert error["param"] == "training_file" and error["message"].startswith("line 7: 'importance' must be a weight")
+    rows[5]["importance"] = 0
+    job_id = make_job(settings, train_rows=rows, config={"weight_column": "importance"})
+    assert tasks.validate_job(job_id, settings=settings) == JobStatus.QUEUED
+
+
 def test_validate_fails_on_unknown_validation_label(settings):
     valid = sentiment_rows(6) + [{"text": "so so", "label": 7}]
     job_id = make_job(settings, valid_rows=valid)
