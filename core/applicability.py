@@ -331,7 +331,7 @@ def _metric_rules(job: _Job) -> None:
     for path, name in (("config.metric_for_best_model", job.cfg.metric_for_best_model),
                        ("config.early_stopping.metric", stopping.metric if stopping else None),
                        ("config.search.objective.metric", objective)):
-        if name is not None and name != AUTO and name not in metrics:
+        if name is not None and name not in metrics:
             kind = f"{job.problem_type.value} " if job.task == TEXT and job.problem_type else ""
             job.refuse(path, f"{name!r} is not a metric of this {kind}{job.task} job; choose one of "
                              f"{', '.join(metrics)}.")

@@ -285,13 +285,12 @@ __all__ = [
 
 def build_callbacks(
     spec: JobSpec, sink: MetricsSink, should_stop: Callable[[], bool], *, task_metrics: dict[str, bool],
-    best_metric: str, has_validation: bool,
+    has_validation: bool,
 ) -> list[Callback]:
     """The built-in callbacks for the spec: schedules, early stopping, reporting, stop requests.
 
     Args:
         task_metrics: the task's validation metrics and whether larger is better (adapter.metrics).
-        best_metric: metric_for_best_model as `check_metrics` resolved it (early stopping's default).
     """
     cfg = spec.config
     callbacks: list[Callback] = [
@@ -302,7 +301,7 @@ def build_callbacks(
     if stopping is not None and not has_validation:
         sink.event("early_stopping needs a validation file; it is off for this job.", level="warning")
     if stopping is not None and has_validation:
-        metric = stopping.metric or best_metric
+        metric = stopping.metric or cfg.metric_for_best_model
         greater = task_metrics[metric] if stopping.mode == "auto" else stopping.mode == "max"
         callbacks.append(
             EarlyStopping(metric, greater_is_better=greater, patience=stopping.patience, min_delta=stopping.min_delta)
@@ -312,14 +311,12 @@ def build_callbacks(
 
 
 def check_metrics(adapter: TaskAdapter, cfg: TrainingConfig) -> tuple[str, bool]:
-    """(metric_for_best_model, "auto" resolved for the task and its data, whether larger is
-    better), checked against what the task reports.
+    """(metric_for_best_model, whether larger is better), checked against what the task reports.
 
     Raises:
         EngineError: metric_for_best_model or early_stopping.metric is not one of the task's metrics.
     """
-    metric = cfg.best_metric(adapter.task, getattr(adapter, "problem_type", None))
-    checks = [("config.metric_for_best_model", metric)]
+    checks = [("config.metric_for_best_model", cfg.metric_for_best_model)]
     if cfg.early_stopping is not None and cfg.early_stopping.metric is not None:
         checks.append(("config.early_stopping.metric", cfg.early_stopping.metric))
     for param, name in checks:
@@ -328,4 +325,4 @@ def check_metrics(adapter: TaskAdapter, cfg: TrainingConfig) -> tuple[str, bool]
                 f"{name!r} is not a metric of this {adapter.task} job; choose one of {', '.join(adapter.metrics)}.",
                 param=param,
             )
-    return metric, adapter.metrics[metric]
+    return cfg.metric_for_best_model, adapter.metrics[cfg.metric_for_best_model]

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from core.applicability import DataFacts, check_applicable, model_facts
 from core.datasets import FILE_PARAMS, DatasetSummary, inspect_files
 from core.errors import DataError, EngineError, ModelError
-from core.spec import AUTO, JobSpec, Task
+from core.spec import JobSpec, Task
 from lathe.db.queries import add_event
 from lathe.db.session import session_scope
 from lathe.db.tables import TERMINAL, Checkpoint, File, Job, JobStatus, now
@@ -73,12 +73,10 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
         task, infos = _inspect(spec, files)
         # What only the data and the model tell: the inferred task, the problem type, the depth.
         facts = model_facts(Path(source.base)) if source.kind != "hub" else None
-        data = DataFacts.from_summaries(infos)
-        check = partial(check_applicable, task=task, data=data, model=facts)
+        check = partial(check_applicable, task=task, data=DataFacts.from_summaries(infos), model=facts)
         check(spec)
-        resolved = _resolved(spec, task, data)
         if spec.config.search:  # every trial its space can make, judged as this job now is
-            metric, _ = objective_of(resolved)
+            metric, _ = objective_of(spec)
             check_space(spec_data, space_of(spec.config.search, task), objective=metric, check=engine_check(check))
     except EngineError as e:
         error = e.to_dict()
@@ -103,31 +101,16 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
             publish_advance(settings, parent_job)  # the search records it and goes on
         return JobStatus.FAILED if ok else ""
     with session_scope(settings.sqlalchemy_url) as session:
-        values: dict[str, Any] = {}
-        if spec.config.search:  # the objective as the data resolved it (a default one was a guess at create)
-            search = dict(session.get(Job, job_id).search or {})
-            metric, maximize = objective_of(resolved)
-            values["search"] = {**search, "objective": {"metric": metric, "mode": "max" if maximize else "min"}}
+        resolved = spec.model_copy(update={"task": task})
         ok = move(session, job_id=job_id, source=JobStatus.VALIDATING_FILES, target=JobStatus.QUEUED,
                   by=Actor.VALIDATOR, queued_at=now(), task=str(task),
-                  spec=resolved.model_dump(mode="json", exclude_unset=True), lease_until=None, **values)
+                  spec=resolved.model_dump(mode="json", exclude_unset=True), lease_until=None)
         if ok:
             add_event(session, job_id=job_id, message=_summary(task, infos),
                       data={p: {"rows": i.rows, "label_counts": i.label_counts, **i.details} for p, i in infos.items()})
     if ok:  # a search's parent trains nothing itself: its first step starts the trials
         (publish_advance if spec.config.search else publish_run)(settings, job_id)
     return JobStatus.QUEUED if ok else ""
-
-
-def _resolved(spec: JobSpec, task: Task, data: DataFacts) -> JobSpec:
-    """The spec as it is queued: the task inferred, and with a validation file, metric_for_best_model
-    "auto" resolved for the task and its labels (so the job's spec names the metric that picks its
-    checkpoint, and a search ranks and prunes its trials by it)."""
-    update: dict[str, Any] = {"task": task}
-    if spec.validation_file and spec.config.metric_for_best_model == AUTO:
-        metric = spec.config.best_metric(task, data.problem_type)
-        update["config"] = spec.config.model_copy(update={"metric_for_best_model": metric})
-    return spec.model_copy(update=update)
 
 
 def _inspect(spec: JobSpec, files: dict[str, tuple[str, str] | None]) -> tuple[Task, dict[str, DatasetSummary]]:

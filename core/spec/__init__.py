@@ -32,7 +32,6 @@ from core.spec.base import (
     ProblemType,
     Strict,
     Task,
-    best_metric,
     known_metric,
 )
 from core.spec.toolbox import (
@@ -56,7 +55,7 @@ __all__ = [
     "REGRESSION_METRICS", "SPEC_VERSION", "TOKEN_METRICS", "AugmentationConfig", "DropoutConfig",
     "EarlyStoppingConfig", "FreezeConfig", "GradualUnfreezingConfig", "HeadConfig", "Hyperparameters",
     "ImageAugmentationConfig", "JobSpec", "LoraConfig", "LossConfig", "OptimizerConfig", "ProblemType",
-    "SchedulerConfig", "Task", "TextAugmentationConfig", "TrainingConfig", "best_metric", "known_metric",
+    "SchedulerConfig", "Task", "TextAugmentationConfig", "TrainingConfig", "known_metric",
 ]
 
 

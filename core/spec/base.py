@@ -42,30 +42,6 @@ ALL_METRICS: dict[str, bool] = (
     LABEL_METRICS | MULTI_LABEL_METRICS | REGRESSION_METRICS | TOKEN_METRICS | CAUSAL_LM_METRICS
 )
 
-# What metric_for_best_model "auto" stands for: the metric people report for the task, so that the
-# exported checkpoint is the one that scores best on it. Validation loss (the Trainer's default)
-# falls, then rises as a classifier grows confident, while its macro-F1 still improves: on 800 rows
-# of tweet_eval_emotion a default job picked epoch 3 of 6 by loss (test macro-F1 0.671) where
-# macro-F1 picks epoch 6 (0.723; a search's best, 0.739). Regression and causal LMs keep the loss.
-BEST_METRIC: dict[tuple[Task, ProblemType | None], str] = {
-    (Task.TEXT_CLASSIFICATION, ProblemType.SINGLE_LABEL): "f1_macro",
-    (Task.TEXT_CLASSIFICATION, ProblemType.MULTI_LABEL): "f1_micro",
-    (Task.TEXT_CLASSIFICATION, ProblemType.REGRESSION): "loss",
-    (Task.TOKEN_CLASSIFICATION, None): "f1",
-    (Task.CAUSAL_LM, None): "loss",
-    (Task.IMAGE_CLASSIFICATION, None): "f1_macro",
-}
-
-
-def best_metric(task: Task | None, problem_type: ProblemType | None = None) -> str:
-    """The metric metric_for_best_model "auto" resolves to; a text-classification job whose labels
-    are not read yet is taken as single-label (the validator resolves it again from the data)."""
-    task = Task(task) if task else Task.TEXT_CLASSIFICATION
-    if task == Task.TEXT_CLASSIFICATION:
-        return BEST_METRIC[(task, ProblemType(problem_type) if problem_type else ProblemType.SINGLE_LABEL)]
-    return BEST_METRIC[(task, None)]
-
-
 class Strict(BaseModel):
     """Every part of a spec: unknown fields refused, immutable once validated."""
 

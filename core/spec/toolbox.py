@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from core.spec.base import AUTO, ProblemType, Strict, Task, best_metric, known_metric
+from core.spec.base import AUTO, ProblemType, Strict, known_metric
 from core.spec.search import SearchConfig
 
 
@@ -311,10 +311,8 @@ class TrainingConfig(Strict):
                           "(so none without a validation file)."
     )
     metric_for_best_model: str = Field(
-        AUTO, description="Validation metric (needs a validation file) that picks the best checkpoint and "
-                          "drives reduce_on_plateau and early stopping. auto: f1_macro for single-label text "
-                          "and image classification, f1_micro for multi-label, f1 for token-classification, "
-                          "loss for regression and causal-lm (the job's spec reports the metric chosen). "
+        "loss", description="Validation metric (needs a validation file) that picks the best checkpoint and "
+                            "drives reduce_on_plateau. "
                             "By task: text/image classification loss, accuracy, f1_macro, f1_micro, f1_weighted, "
                             "precision_macro, recall_macro; multi-label loss, f1_micro, f1_macro, exact_match, "
                             "hamming_loss; regression loss, mse, rmse, mae, r2; token-classification loss, f1, "
@@ -349,10 +347,4 @@ class TrainingConfig(Strict):
     @field_validator("metric_for_best_model")
     @classmethod
     def _known_metric(cls, value: str) -> str:
-        return value if value == AUTO else known_metric(value)
-
-    def best_metric(self, task: Task | None, problem_type: ProblemType | None = None) -> str:
-        """metric_for_best_model, "auto" resolved for the task (and text-classification's problem type)."""
-        if self.metric_for_best_model != AUTO:
-            return self.metric_for_best_model
-        return best_metric(task, problem_type)
+        return known_metric(value)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from core.spec import ALL_METRICS, JobSpec, ProblemType, Task
+from core.spec import ALL_METRICS, JobSpec, Task
 from core.spec.search import SearchConfig, SearchParam
 from lathe.errors import BadRequest, LatheError, dotted_param
 
@@ -50,13 +50,10 @@ def space_of(search: SearchConfig, task: Task | None) -> dict[str, SearchParam]:
     return dict(search.space) if search.space else dict(DEFAULT_SPACES[task or Task.TEXT_CLASSIFICATION])
 
 
-def objective_of(spec: JobSpec, problem_type: ProblemType | None = None) -> tuple[str, bool]:
-    """(the objective metric, whether larger is better): the search's, or the metric that picks a
-    job's best checkpoint ("auto" resolved for the task; the validator stores it resolved from the
-    data, so after validation the spec names it)."""
+def objective_of(spec: JobSpec) -> tuple[str, bool]:
+    """(the objective metric, whether larger is better)."""
     search = spec.config.search
-    metric = ((search.objective.metric if search and search.objective.metric else None)
-              or spec.config.best_metric(spec.task, problem_type))
+    metric = (search.objective.metric if search and search.objective.metric else None) or spec.config.metric_for_best_model
     mode = search.objective.mode if search else "auto"
     return metric, ALL_METRICS[metric] if mode == "auto" else mode == "max"
 

@@ -84,7 +84,7 @@ def test_defaults_and_bounds_are_unchanged():
         "augmentation": {"text": None, "image": None},
         "max_grad_norm": 1.0, "max_grad_value": None, "gradient_accumulation_steps": 1, "precision": "auto",
         "gradient_checkpointing": False, "group_by_length": True, "eval_every_steps": None,
-        "evaluations_per_epoch": None, "checkpoint_every_steps": None, "metric_for_best_model": "auto",
+        "evaluations_per_epoch": None, "checkpoint_every_steps": None, "metric_for_best_model": "loss",
         "early_stopping": None, "load_best_model_at_end": True, "device": "auto", "max_runtime_seconds": None,
         "search": None,
     }
@@ -141,18 +141,3 @@ def test_auto_learning_rate_of_an_encoder_falls_with_its_size():
     doubled = JobSpec(model="m", training_file="f", hyperparameters={"learning_rate_multiplier": 2})
     assert doubled.learning_rate(Task.TEXT_CLASSIFICATION, 22_700_000) == pytest.approx(2e-4)
     assert doubled.resolved_hyperparameters(100, Task.TEXT_CLASSIFICATION, 22_700_000)["learning_rate_multiplier"] == 2
-
-
-def test_metric_for_best_model_auto_is_the_tasks_reported_metric():
-    from core.spec import ProblemType, Task, TrainingConfig, best_metric
-
-    assert TrainingConfig().metric_for_best_model == "auto"
-    assert best_metric(Task.TEXT_CLASSIFICATION, ProblemType.SINGLE_LABEL) == "f1_macro"
-    assert best_metric(Task.TEXT_CLASSIFICATION, ProblemType.MULTI_LABEL) == "f1_micro"
-    assert best_metric(Task.TEXT_CLASSIFICATION, ProblemType.REGRESSION) == "loss"
-    assert best_metric(Task.TEXT_CLASSIFICATION) == best_metric(None) == "f1_macro"  # labels not read yet
-    assert best_metric(Task.IMAGE_CLASSIFICATION) == "f1_macro"
-    assert best_metric(Task.TOKEN_CLASSIFICATION) == "f1"
-    assert best_metric(Task.CAUSAL_LM) == "loss"
-    assert TrainingConfig(metric_for_best_model="accuracy").best_metric(Task.TEXT_CLASSIFICATION) == "accuracy"
-    assert TrainingConfig().best_metric(Task.TEXT_CLASSIFICATION, ProblemType.REGRESSION) == "loss"

@@ -24,16 +24,14 @@ from worker import tasks
 SPACE = {"config.optimizer.weight_decay": {"type": "float", "low": 0.0, "high": 0.1}}
 
 
-def create_search(settings, *, tenant_id: str | None = None, rows: list[dict] | None = None, **search) -> str:
-    """A search of the tiny BERT (validated), as the API creates it; its objective the validation
-    loss unless `objective` says otherwise (the tests script the trials' losses)."""
+def create_search(settings, *, tenant_id: str | None = None, **search) -> str:
+    """A search of the tiny BERT (validated), as the API creates it."""
     if tenant_id is None:
         tenant_id = tenant_of(settings, make_job(settings))
-    train = add_file(settings, tenant_id, rows or sentiment_rows(32))
-    valid = add_file(settings, tenant_id, (rows or sentiment_rows(8, seed=1))[:8], name="valid.csv")
-    search = {"space": SPACE, "objective": {"metric": "loss"}, **search}
+    train = add_file(settings, tenant_id, sentiment_rows(32))
+    valid = add_file(settings, tenant_id, sentiment_rows(8, seed=1), name="valid.csv")
     payload = {"model": "tiny-bert", "training_file": train, "validation_file": valid, "seed": 5,
-               "hyperparameters": {"n_epochs": 1}, "config": {"max_length": 16, "search": search}}
+               "hyperparameters": {"n_epochs": 1}, "config": {"max_length": 16, "search": {"space": SPACE, **search}}}
     with session_scope(settings.sqlalchemy_url) as session:
         job, _ = jobs.create_job(session, settings, tenant_id=tenant_id, payload=payload)
         job_id = job.id
@@ -98,20 +96,6 @@ def test_a_search_starts_parallel_trials_then_one_per_finished_trial_and_ends_wi
         f"Search finished: the best of 3 trials is trial 0 ({first.id}), loss=0.3000",
         f"New fine-tuned model created: ft:tiny-bert:{first.id}", "The job has successfully completed"]
     assert any(f"Trial 2 ({third.id}) failed: boom" == m for m in messages(settings, parent))
-
-
-def test_a_default_objective_is_resolved_from_the_data_when_the_files_are_validated(settings):
-    """No objective and no metric_for_best_model: "auto", guessed at create (text: single-label),
-    settled by the labels the validator reads; the trials are ranked and export by it."""
-    classes = create_search(settings, trials=1, objective={})
-    assert get_job(settings, classes).search["objective"] == {"metric": "f1_macro", "mode": "max"}
-    assert get_job(settings, classes).spec["config"]["metric_for_best_model"] == "f1_macro"
-    scores = [{"text": r["text"], "label": i / 7 + 0.01} for i, r in enumerate(sentiment_rows(32))]
-    numbers = create_search(settings, trials=1, objective={}, rows=scores)
-    assert get_job(settings, numbers).search["objective"] == {"metric": "loss", "mode": "min"}
-    advance(settings, numbers)
-    [trial] = trials(settings, numbers)
-    assert trial.spec["config"]["metric_for_best_model"] == "loss"
 
 
 def test_a_search_whose_every_trial_fails_fails_saying_so(settings):

@@ -128,21 +128,6 @@ def test_validate_checks_the_weight_column(settings):
     assert tasks.validate_job(job_id, settings=settings) == JobStatus.QUEUED
 
 
-def test_validate_stores_the_metric_auto_stands_for(settings):
-    """With a validation file, metric_for_best_model "auto" is resolved from the task and its labels
-    and stored in the spec (the job reports it; a search ranks by it); without one it stays auto."""
-    job_id = make_job(settings, valid_rows=sentiment_rows(10, seed=1))
-    assert tasks.validate_job(job_id, settings=settings) == JobStatus.QUEUED
-    assert get_job(settings, job_id).spec["config"]["metric_for_best_model"] == "f1_macro"
-    rows = [{"text": r["text"], "score": float(i) / 7 + 0.01} for i, r in enumerate(sentiment_rows(40))]
-    job_id = make_job(settings, train_rows=rows, valid_rows=rows[:10], config={"label_column": "score"})
-    assert tasks.validate_job(job_id, settings=settings) == JobStatus.QUEUED
-    assert get_job(settings, job_id).spec["config"]["metric_for_best_model"] == "loss"  # regression
-    job_id = make_job(settings)
-    assert tasks.validate_job(job_id, settings=settings) == JobStatus.QUEUED
-    assert "metric_for_best_model" not in get_job(settings, job_id).spec.get("config", {})
-
-
 def test_validate_fails_on_unknown_validation_label(settings):
     valid = sentiment_rows(6) + [{"text": "so so", "label": 7}]
     job_id = make_job(settings, valid_rows=valid)
