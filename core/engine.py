@@ -185,10 +185,8 @@ def _run(spec: JobSpec, paths: RunPaths, sink: MetricsSink, should_stop, extra_c
             end = min(start + accum, len(batches))
             group = [_collate(adapter, data.train, batches[b], spec.seed, state.epoch, b, pad_multiple)
                      for b in range(start, end)]
-            # Each micro-batch's summed loss over the units of the whole step: accumulation == one big batch.
-            # (Units are examples, target tokens, or the examples' weights, which may add up to less than 1;
-            # a step with none divides by 1: its loss is 0.)
-            units = sum(adapter.units(batch) for batch in group) or 1
+            # Each micro-batch's summed loss over the units (examples, tokens or weights) of the whole step.
+            units = sum(adapter.units(batch) for batch in group) or 1  # accumulation == one big batch
             step_loss = 0.0
             for batch in group:
                 state.trained_tokens += adapter.trained_tokens(batch)
