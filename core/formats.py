@@ -118,6 +118,12 @@ def value_kind(value: Any) -> str:
     return {dict: "an object", list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+def require_column(path: Path, header: list[str], column: str, *, param: str) -> None:
+    """Raise a DataError (blaming `param`) when the file's `header` lacks `column`."""
+    if column not in header:
+        raise DataError(f"{path.name} has no column {column!r} (columns: {', '.join(header)}).", param=param)
+
+
 def example_weight(value: Any, *, where: str, column: str, param: str) -> float:
     """A training row's loss weight (config.weight_column): a finite number, zero or more.
 

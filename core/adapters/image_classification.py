@@ -203,7 +203,8 @@ class ImageClassification(TaskAdapter):
 
         With class weights each example's loss is scaled by its class's weight; the engine then
         divides by the number of examples (torch's weighted "mean" would divide by the weights' sum),
-        or by the sum of the examples' own weights (config.weight_column). Evaluation uses the same loss, so training and validation losses compare.
+        or by the sum of the examples' own weights (config.weight_column). Evaluation uses the same
+        loss, so training and validation losses compare.
         """
         logits = model(pixel_values=batch["pixel_values"], **self.forward_kwargs).logits.float()
         weights = None if self.weights is None else self.weights.to(logits.device)

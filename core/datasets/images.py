@@ -297,11 +297,9 @@ def _parquet_rows(path: Path, *, param: str, config: TrainingConfig, weighted: b
     image_column, label_column, weight_column = config.image_column, config.label_column, config.weight_column
     header = formats.header(path, "parquet", param=param)
     for column in (image_column, label_column):
-        if column not in header:
-            raise DataError(f"{path.name} has no column {column!r} (columns: {', '.join(header)}).", param=param)
-    if weighted and weight_column not in header:
-        raise DataError(f"{path.name} has no column {weight_column!r} (columns: {', '.join(header)}).",
-                        param="config.weight_column")
+        formats.require_column(path, header, column, param=param)
+    if weighted:
+        formats.require_column(path, header, weight_column, param="config.weight_column")
     columns = [image_column, label_column, *([weight_column] if weighted else [])]
     row = 0
     try:

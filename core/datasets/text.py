@@ -148,11 +148,9 @@ def _rows(path: Path, *, param: str, config: TrainingConfig) -> Iterator[tuple[s
     if fmt in ("csv", "parquet"):
         header = formats.header(path, fmt, param=param)
         for column in (text_column, label_column):
-            if column not in header:
-                raise DataError(f"{path.name} has no column {column!r} (columns: {', '.join(header)}).", param=param)
-        if with_weights and weight_column not in header:
-            raise DataError(f"{path.name} has no column {weight_column!r} (columns: {', '.join(header)}).",
-                            param="config.weight_column")
+            formats.require_column(path, header, column, param=param)
+        if with_weights:
+            formats.require_column(path, header, weight_column, param="config.weight_column")
     required = (text_column, label_column, *((weight_column,) if with_weights else ()))
     for where, record in formats.located_records(path, fmt, param=param, required=required):
         text = record[text_column]
