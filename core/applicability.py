@@ -73,7 +73,10 @@ TASKS: dict[str, frozenset[Task]] = {
     "config.loss.class_weights": CLASSIFIERS,
     "config.augmentation.text": frozenset({TEXT, TOKEN}),  # the causal-lm adapter never edits rows
     "config.augmentation.image": frozenset({IMAGE}),
-}
+    "config.train_rows": frozenset({TEXT, TOKEN, IMAGE}),  # causal-lm rows may be packed: no row to draw
+}# The tasks each ensemble method combines (core.combine: per-example outputs; a soup: weights).
+ENSEMBLE_TASKS = {"bagging": frozenset({TEXT, IMAGE}), "stacking": frozenset({TEXT, IMAGE}),
+                  "selection": frozenset({TEXT, IMAGE}), "soup": frozenset({TEXT, TOKEN, CAUSAL, IMAGE})}
 
 # Optimizer and schedule fields read by some names only (core.optim, core.schedules).
 OPTIMIZER_NAMES = {"beta1": ("adam", "adamw", "adafactor"), "beta2": ("adam", "adamw"), "eps": ("adam", "adamw"),
@@ -161,7 +164,7 @@ def inapplicable_fields(
     field under a refused one is left out)."""
     job = _Job(spec, task if task is not None else spec.task, data, model)
     for rules in (_task_rules, _option_rules, _freeze_rules, _validation_rules, _metric_rules, _data_rules,
-                  _model_rules):
+                  _model_rules, _ensemble_rules):
         rules(job)
     order = list(job.set)
     kept: dict[str, Refusal] = {}
@@ -402,3 +405,15 @@ def _names(items: Iterable[str], last: str = "and") -> str:
 
 def _rename(text: str, prefix: str) -> str:
     return text.replace("hyperparameters.", f"{prefix}.")
+
+
+def _ensemble_rules(job: _Job) -> None:
+    if job.cfg.ensemble is None:
+        return
+    method, path = job.cfg.ensemble.resolved_method, "config.ensemble" + (".method" * ("config.ensemble.method" in job.set))
+    if job.task is not None and job.task not in ENSEMBLE_TASKS[method]:
+        job.refuse(path, f"is {method}, which combines {_names(sorted(ENSEMBLE_TASKS[method]), 'or')} models, not {job.task}.")
+    if method in ("soup", "selection") and job.spec.validation_file is None:
+        job.refuse(path, f"is {method}, which needs a validation file: it keeps a member only if validation improves.")
+    if "config.train_rows" in job.set:
+        job.refuse("config.train_rows", "is set by the ensemble on each member (bootstrap, subsample or folds).")

@@ -8,6 +8,7 @@ number of rows only, so a member retried or re-run on another worker trains on t
     bootstrap_rows(n, seed=, member=)          n draws with replacement (bagging)
     subsample_rows(n, fraction, seed=, member=) a sorted fraction without replacement (bagging)
     folds(n, k, seed=, labels=)                 each row's fold, stratified by label when given (stacking)
+    train_rows(method, n, ...)                  the rows a job's config.train_rows keeps (one of the above)
     samme_step(weights, correct, n_classes)     SAMME (multi-class AdaBoost): member weight, new row weights
     combine(probabilities, ...)                 soft vote, hard vote, weighted vote, mean (regression)
     ensemble_selection(...)                     Caruana et al. (2004): greedy forward selection with replacement
@@ -74,6 +75,22 @@ def folds(n: int, k: int, *, seed: int, labels: Sequence[object] | None = None) 
         assignment[rows] = (np.arange(len(rows)) + offset) % k
         offset += len(rows)
     return assignment
+
+
+def train_rows(method: str, n: int, *, seed: int, stream: int = 0, fraction: float | None = None,
+               folds_: int | None = None, holdout: int | None = None,
+               labels: Sequence[object] | None = None) -> np.ndarray:
+    """The training rows a `config.train_rows` draw keeps (indices, sorted; repeated for a bootstrap).
+
+    Args:
+        method: bootstrap, subsample or folds (every row outside fold `holdout` of `folds_`).
+        labels: single-label classes, to stratify folds (None: unstratified).
+    """
+    if method == "bootstrap":
+        return bootstrap_rows(n, seed=seed, member=stream)
+    if method == "subsample":
+        return subsample_rows(n, float(fraction), seed=seed, member=stream)
+    return np.flatnonzero(folds(n, int(folds_), seed=seed, labels=labels) != holdout)
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,10 @@ def predict(
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise EngineError("top_k must be a positive integer.", param="top_k")
     model_dir = Path(model_dir)
+    from core.ensemble_model import EnsembleModel, is_ensemble
+
+    if is_ensemble(model_dir):  # several members' folders and how they combine (core.ensemble_model)
+        return EnsembleModel.load(model_dir).predict(inputs, top_k=top_k, max_length=max_length)
     job = _job(model_dir)
     task = job.get("reproducibility", {}).get("task") or job.get("spec", {}).get("task") or "text-classification"
     max_length = max_length or job.get("spec", {}).get("config", {}).get("max_length")

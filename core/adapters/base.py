@@ -13,7 +13,8 @@ so gradient accumulation computes exactly the gradient of one big batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,18 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def take(self, indices: Sequence[int]) -> Split:
+        """The examples `indices` (repeats allowed: a bootstrap resample), as a split of the same kind."""
+        picked = np.asarray(indices, dtype=np.int64)
+
+        def pick(column: Any) -> Any:
+            return [column[i] for i in picked] if isinstance(column, list) else column[picked]
+
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values = {name: ({k: pick(v) for k, v in value.items()} if name == "features" else
+                         pick(value) if isinstance(value, list) else value) for name, value in values.items()}
+        return dataclasses.replace(self, **values)
 
     def weight_tensor(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """{"weight": the examples' loss weights} for a batch, or {} when the split has none."""
@@ -120,7 +133,21 @@ class TaskAdapter:
             DataError: as the task's core.datasets reader, or as `prepare_parsed`.
         """
         _, parsed = parse_files(self.task, files.by_param(), self.config)
-        return self.prepare_parsed(parsed, processor)
+        data = self.prepare_parsed(parsed, processor)
+        if self.config.train_rows is not None:
+            data.train = data.train.take(self.drawn_rows(data.train))
+        return data
+
+    def drawn_rows(self, train: Split) -> np.ndarray:
+        """The training rows config.train_rows keeps (core.ensemble.train_rows; folds stratified by
+        class for single-label classification), in the full split's numbering."""
+        from core.ensemble import train_rows
+
+        rows = self.config.train_rows
+        labels = train.targets if train.targets and all(isinstance(t, int) for t in train.targets) else None
+        return train_rows(rows.method, len(train), seed=self.spec.seed if rows.seed is None else rows.seed,
+                          stream=rows.stream, fraction=rows.fraction, folds_=rows.folds, holdout=rows.holdout,
+                          labels=labels if rows.method == "folds" else None)
 
     def prepare_parsed(self, parsed: dict[str, ParsedFile], processor: Any) -> TaskData:
         """Encode every split from its checked rows (request field -> ParsedFile, training first).

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from core.spec.base import AUTO, ProblemType, Strict, known_metric
+from core.spec.ensemble import EnsembleConfig, TrainRowsConfig
 from core.spec.search import SearchConfig
 
 
@@ -334,6 +335,14 @@ class TrainingConfig(Strict):
         None, description="Make the job a hyperparameter search: its trials are jobs listed by "
                           "GET /v1/fine_tuning/jobs?parent_job=; the best trial's model is the result."
     )
+    ensemble: EnsembleConfig | None = Field(
+        None, description="Make the job an ensemble: its members are jobs listed by "
+                          "GET /v1/fine_tuning/jobs?parent_job=; the combined model is the result."
+    )
+    train_rows: TrainRowsConfig | None = Field(
+        None, description="Train on a draw of the training file's rows (a bootstrap resample, a subsample, all "
+                          "but one fold); null: every row once. Ensembles set it on their members."
+    )
 
     # lora is declared after freeze, so its validator sees freeze (and the error names config.lora).
     @field_validator("lora")
@@ -348,3 +357,12 @@ class TrainingConfig(Strict):
     @classmethod
     def _known_metric(cls, value: str) -> str:
         return known_metric(value)
+
+    # ensemble is declared after search, so its validator sees search (and the error names config.ensemble).
+    @field_validator("ensemble")
+    @classmethod
+    def _not_both_parents(cls, value: EnsembleConfig | None, info: ValidationInfo) -> EnsembleConfig | None:
+        if value is not None and info.data.get("search") is not None:
+            raise ValueError("search and ensemble cannot be combined: a job is one search or one ensemble "
+                             "(an ensemble can take a finished search's trials with from_search)")
+        return value
