@@ -137,10 +137,14 @@ class FineTuningJob(BaseModel):
     config: dict[str, Any] = Field(description="Lathe: the training toolbox, with defaults filled in.")
     attempt: int = Field(description="Lathe: how many times a worker has started the job (retries after lost workers count).")
     metrics: dict[str, Any] | None = Field(description="Latest, best and test metrics.")
-    parent_job: str | None = Field(None, description="Lathe: the search this job is a trial of, else null.")
+    parent_job: str | None = Field(None, description="Lathe: the search (ensemble) this job is a trial (member) of, else null.")
     search: dict[str, Any] | None = Field(None, description=(
         "Lathe: on a search (config.search), its objective, best_trial and leaderboard `trials` (trial, job, "
         "params, value, state: running|complete|pruned|cancelled|failed, steps, seconds), best first; else null."))
+    ensemble: dict[str, Any] | None = Field(None, description=(
+        "Lathe: on an ensemble (config.ensemble), its method, phase (members: training them; combine: combining) "
+        "and `members` (member, fold, job, status); its figures, each member's beside the ensemble's, are in "
+        "metrics.members and the model's eval_report.json; else null."))
 
 
 def job_object(job: Job) -> FineTuningJob:
@@ -156,6 +160,8 @@ def job_object(job: Job) -> FineTuningJob:
         user_provided_suffix=spec.suffix, task=job.task or spec.task, test_file=job.test_file,
         config=spec.config.model_dump(mode="json"), attempt=job.attempt, metrics=job.metrics,
         parent_job=job.parent_job, search=search_object(job.search) if job.search else None,
+        ensemble={k: job.ensemble[k] for k in ("method", "phase", "from_search", "members") if k in job.ensemble}
+        if job.ensemble else None,
     )
 
 

@@ -26,6 +26,7 @@ from lathe.db.tables import TERMINAL, Event, FilePurpose, Job, JobStatus, new_id
 from lathe.errors import BadRequest, Conflict, NotFound, dotted_param
 from lathe.model_source import ModelSource, resolve_model
 from lathe.queue import ADVANCE_TASK, RUN_TASK, VALIDATE_TASK
+from lathe.ensemble import check_ensemble
 from lathe.search.requests import check_search, engine_check
 from lathe.settings import Settings
 
@@ -172,15 +173,18 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, payload:
     check_files(session, tenant_id=tenant_id, body=body)
     source = resolve_model(session, settings, tenant_id=tenant_id, name=body.model)
     check_spec(spec, body, source)
-    search = check_search(session, tenant_id=tenant_id, spec=spec, stored=stored_spec(spec), check=engine_check(
-        partial(check_applicable, task=spec.task, model=_facts(source)))) if spec.config.search else None
+    check = engine_check(partial(check_applicable, task=spec.task, model=_facts(source)))
+    search = check_search(session, tenant_id=tenant_id, spec=spec, stored=stored_spec(spec),
+                          check=check) if spec.config.search else None
+    ensemble = check_ensemble(session, tenant_id=tenant_id, spec=spec, stored=stored_spec(spec),
+                              check=check) if spec.config.ensemble else None
 
     job = Job(
         id=new_id("ftjob"), tenant_id=tenant_id, spec=stored_spec(spec), model=body.model,
         task=spec.task.value if spec.task else None, training_file=body.training_file,
         validation_file=body.validation_file, test_file=body.test_file, result_files=[],
         job_metadata=body.metadata, seed=seed, attempt=0, max_attempts=settings.max_attempts,
-        idempotency_key=idempotency_key, created_at=now(), search=search,
+        idempotency_key=idempotency_key, created_at=now(), search=search, ensemble=ensemble,
     )
     session.add(job)
     try:
@@ -253,9 +257,10 @@ def act(session: Session, *, tenant_id: str, job_id: str,
     job = owned_job(session, tenant_id=tenant_id, job_id=job_id)
     if _ALREADY.get(action) == job.status:
         return job, []
-    if job.search and action != "cancel":
-        raise Conflict(f"A search can't be {action}d: {action} its trials (GET /v1/fine_tuning/jobs?parent_job="
-                       f"{job.id}), or cancel the search.", param="fine_tuning_job_id", code="search_not_pausable")
+    if job.is_parent and action != "cancel":
+        kind, children = ("search", "trials") if job.search else ("ensemble", "members")
+        raise Conflict(f"A {kind} can't be {action}d: {action} its {children} (GET /v1/fine_tuning/jobs?parent_job="
+                       f"{job.id}), or cancel the {kind}.", param="fine_tuning_job_id", code=f"{kind}_not_pausable")
     if action == "resume" and job.status == JobStatus.PAUSED and job.lease_owner is not None:
         # The paused attempt is still saving its checkpoint; a new attempt now would race it.
         raise Conflict("The job is still stopping to pause; retry in a few seconds.",
@@ -272,11 +277,11 @@ def act(session: Session, *, tenant_id: str, job_id: str,
     message = "Pause requested" if action == "pause" and was_running else _MESSAGES[(action, target)]
     add_event(session, job_id=job.id, message=message, attempt=job.attempt)
     publish: list[tuple[str, str]] = []
-    if job.search:  # cancel: its trials too, and the search closes once they have stopped
+    if job.is_parent:  # cancel: its children too, and the parent closes once they have stopped
         _cancel_trials(session, job)
         publish.append((ADVANCE_TASK, job.id))
     elif job.parent_job and target in TERMINAL:
-        publish.append((ADVANCE_TASK, job.parent_job))  # the search starts the next trial
+        publish.append((ADVANCE_TASK, job.parent_job))  # the parent starts the next child
     session.commit()
     session.refresh(job)
     task = {JobStatus.QUEUED: RUN_TASK, JobStatus.VALIDATING_FILES: VALIDATE_TASK}.get(target) if action == "resume" else None
@@ -291,5 +296,5 @@ def _cancel_trials(session: Session, parent: Job) -> None:
         target = lifecycle.user_move(session, trial, "cancel",
                                      **({} if trial.status == JobStatus.RUNNING else {"finished_at": now()}))
         if target is not None:
-            add_event(session, job_id=trial.id, message=f"{_MESSAGES[('cancel', target)]} with its search {parent.id}",
+            add_event(session, job_id=trial.id, message=f"{_MESSAGES[('cancel', target)]} with its parent {parent.id}",
                       attempt=trial.attempt)

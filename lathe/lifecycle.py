@@ -64,7 +64,7 @@ MOVES: dict[tuple[JobStatus, JobStatus], frozenset[Actor]] = {
     (S.QUEUED, S.RUNNING): frozenset({R, O}),  # the claim: attempt + 1, a fresh lease; a search's first trials
     (S.QUEUED, S.PAUSED): frozenset({U}),
     (S.QUEUED, S.CANCELLED): frozenset({U}),
-    (S.RUNNING, S.QUEUED): frozenset({R, SW}),  # retried after an infrastructure failure
+    (S.RUNNING, S.QUEUED): frozenset({R, SW, O}),  # retried after an infrastructure failure; an ensemble to combine
     (S.RUNNING, S.CANCELLING): frozenset({U}),
     (S.RUNNING, S.PAUSED): frozenset({U}),  # the worker sees it, checkpoints and stops
     (S.RUNNING, S.SUCCEEDED): frozenset({R, O}),

@@ -96,6 +96,10 @@ def resolve_model(session: Session, settings: Settings, *, tenant_id: str, name:
     if model is not None:
         if not Path(model.path).is_dir():
             raise NotFound(f"The files of fine-tuned model {name!r} are gone.", param="model", code="model_not_found")
+        if (Path(model.path) / "ensemble.json").is_file():
+            raise BadRequest(f"{name} is an ensemble of several models, not one to fine-tune further: start from "
+                             f"one of its members (GET /v1/fine_tuning/jobs?parent_job={model.job_id}).",
+                             param="model", code="model_not_allowed")
         return ModelSource("fine_tuned", model.path)
 
     if settings.allow_hub_models and HUB_ID.match(name) and ".." not in name:

@@ -158,7 +158,8 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
     try:
         with session_scope(settings.sqlalchemy_url) as session:
             job = session.get(Job, job_id)
-            spec, parent_job = JobSpec.model_validate(job.spec), job.parent_job
+            spec = JobSpec.model_validate(job.spec)
+            trial = bool(job.parent_job and session.get(Job, job.parent_job).search)  # not an ensemble's member
             files = {
                 param: session.get(File, file_id).path if file_id else None
                 for param, file_id in (("training_file", spec.training_file),
@@ -189,12 +190,19 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
         # No archive: the worker packs it once the job is recorded as succeeded.
         cache = InputCache(settings.input_cache_dir, settings.cache_max_bytes) if settings.cache_max_bytes else None
         callbacks = []
-        if parent_job:  # a search's trial: its pruner may stop it at an evaluation
+        if trial:  # a search's trial: its pruner may stop it at an evaluation
             from core.callbacks import Pruning
             from worker.trial import TrialPruning
 
             callbacks.append(Pruning(TrialPruning(sink, settings.sqlalchemy_url, job_id)))
-        result = run(spec, run_paths, sink, should_stop=stop.is_set, archive=False, cache=cache, callbacks=callbacks)
+        if spec.config.ensemble:  # the parent of an ensemble: combine its members' models (core.combine)
+            from core.combine import Member, combine
+
+            members = [Member(m["index"], m["job"], Path(m["model_dir"]), JobSpec.model_validate(m["spec"]))
+                       for m in plan["members"]]
+            result = combine(spec, members, run_paths.data_files(), run_paths.work_dir, sink)
+        else:
+            result = run(spec, run_paths, sink, should_stop=stop.is_set, archive=False, cache=cache, callbacks=callbacks)
         sink.flush()
         if getattr(result, "cancelled", False):
             outcome: dict[str, Any] = {"status": "cancelled"}

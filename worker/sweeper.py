@@ -6,8 +6,9 @@ compare-and-set, and a duplicate message finds nothing to claim).
   the lease while it lives). Running goes back to `queued` (the attempt stays; the next claim bumps
   it and resumes from the last checkpoint) and is re-published, or fails with `worker_lost` once
   `attempt >= max_attempts`; cancelling becomes `cancelled`; paused just loses its lease.
-- a search (`queued`/`running`/`cancelling`): one step of it (lathe.search.orchestrate.advance),
-  which records trials a sweep ended, starts those due, and makes up for a step lost with its worker.
+- a search or an ensemble (`queued`/`running`/`cancelling`): one step of it (lathe.parents.advance),
+  which records children a sweep ended, starts those due, and makes up for a step lost with its
+  worker. A parent between its children is never re-published to run (an ensemble combining is).
 - `queued`/`validating_files` for longer than `stale_after` seconds (LATHE_SWEEP_STALE_AFTER_SECONDS):
   the message may have been lost (a broker restart without persistence, a FLUSHALL); publish it
   again. On these states `lease_until` means "not re-published before": it spaces re-publishing
@@ -27,7 +28,7 @@ from lathe.db.session import session_scope
 from lathe.db.tables import Job, JobStatus, now
 from lathe.lifecycle import RELEASE_LEASE, Actor, move, release_lease
 from lathe.queue import publish_run, publish_validate
-from lathe.search.orchestrate import advance
+from lathe.parents import advance
 from lathe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,15 @@ def sweep(settings: Settings, *, stale_after: float | None = None) -> dict[str, 
 
     with session_scope(settings.sqlalchemy_url) as session:
         waiting = session.execute(
-            select(Job.id, Job.status).where(
+            select(Job.id, Job.status, Job.search, Job.ensemble).where(
                 or_(Job.status == JobStatus.QUEUED, Job.status == JobStatus.VALIDATING_FILES),
                 or_(Job.queued_at < t - stale_after,
                     Job.queued_at.is_(None) & (Job.created_at < t - stale_after)),
                 or_(Job.lease_until.is_(None), Job.lease_until < t))
         ).all()
-        for job_id, status in waiting:
+        for job_id, status, search, ensemble in waiting:
+            if status == JobStatus.QUEUED and (search or (ensemble and ensemble.get("phase") != "combine")):
+                continue  # a parent between its children: its steps (below) move it, no worker runs it
             marked = session.execute(
                 update(Job).where(Job.id == job_id, Job.status == status,
                                   or_(Job.lease_until.is_(None), Job.lease_until < t))
@@ -102,12 +105,13 @@ def sweep(settings: Settings, *, stale_after: float | None = None) -> dict[str, 
 
     for kind, job_id in publish:  # after the commits
         (publish_run if kind == "run" else publish_validate)(settings, job_id)
-    # Searches: a step each (one lost with its worker, trials a sweep ended, room under a quota).
+    # Searches and ensembles: a step each (one lost with its worker, children a sweep ended, room
+    # under a quota).
     with session_scope(settings.sqlalchemy_url) as session:
-        searches = session.scalars(select(Job.id).where(
+        parents = session.scalars(select(Job.id).where(
             Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING]),
-            Job.search.is_not(None), Job.parent_job.is_(None))).all()
-    for job_id in searches:
+            or_(Job.search.is_not(None), Job.ensemble.is_not(None)), Job.parent_job.is_(None))).all()
+    for job_id in parents:
         if advance(settings, job_id):
             done["advanced"].append(job_id)
     if any(done.values()):

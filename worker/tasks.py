@@ -25,11 +25,12 @@ from core.spec import JobSpec, Task
 from lathe.db.queries import add_event
 from lathe.db.session import session_scope
 from lathe.db.tables import TERMINAL, Checkpoint, File, Job, JobStatus, now
+from lathe.ensemble import check_ensemble, members_of
 from lathe.errors import LatheError
 from lathe.lifecycle import Actor, claim_job, move
 from lathe.model_source import cache_only, resolve_model
 from lathe.queue import publish_advance, publish_run
-from lathe.search.orchestrate import advance
+from lathe.parents import advance
 from lathe.search.requests import engine_check
 from lathe.search.space import check_space, objective_of, space_of
 from lathe.settings import Settings, get_settings
@@ -78,6 +79,9 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
         if spec.config.search:  # every trial its space can make, judged as this job now is
             metric, _ = objective_of(spec)
             check_space(spec_data, space_of(spec.config.search, task), objective=metric, check=engine_check(check))
+        if spec.config.ensemble:  # every member, judged as this job now is
+            with session_scope(settings.sqlalchemy_url) as session:
+                check_ensemble(session, tenant_id=tenant_id, spec=spec, stored=spec_data, check=engine_check(check))
     except EngineError as e:
         error = e.to_dict()
     except LatheError as e:
@@ -108,8 +112,8 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
         if ok:
             add_event(session, job_id=job_id, message=_summary(task, infos),
                       data={p: {"rows": i.rows, "label_counts": i.label_counts, **i.details} for p, i in infos.items()})
-    if ok:  # a search's parent trains nothing itself: its first step starts the trials
-        (publish_advance if spec.config.search else publish_run)(settings, job_id)
+    if ok:  # a parent trains nothing itself: its first step starts the trials or members
+        (publish_advance if spec.config.search or spec.config.ensemble else publish_run)(settings, job_id)
     return JobStatus.QUEUED if ok else ""
 
 
@@ -142,7 +146,7 @@ def _summary(task: Task, infos: dict[str, DatasetSummary]) -> str:
 
 
 def advance_search(job_id: str, *, settings: Settings | None = None) -> str:
-    """One step of a search (lathe.search.orchestrate.advance): record, start or finish trials."""
+    """One step of a search or an ensemble (lathe.parents.advance): record, start or finish its children."""
     return advance(settings or get_settings(), job_id)
 
 
@@ -213,13 +217,18 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
         plan: dict[str, Any] = {"model": model, "init_from": init_from,
                                 "resume_from": checkpoint.path if checkpoint else None,
                                 "hub_cache_only": cache_only(settings, source)}
+        if job.ensemble:  # the combine stage (lathe.ensemble): the members' models, not a training run
+            plan["members"] = members_of(session, job)
         if checkpoint is not None:
             message = f"Fine-tuning job resumed (attempt {attempt}) from the checkpoint at step {checkpoint.step}"
         elif attempt > 1:
             message = f"Fine-tuning job restarted (attempt {attempt}); no checkpoint to resume from"
         else:
             message = "Fine-tuning job started"
-        add_event(session, job_id=job_id, attempt=attempt, message=message, data={"attempt": attempt, **plan})
+        if job.ensemble:
+            message = f"Combining the ensemble's {len(plan['members'])} member models (attempt {attempt})"
+        add_event(session, job_id=job_id, attempt=attempt, message=message,
+                  data={"attempt": attempt, **{k: v for k, v in plan.items() if k != "members"}})
 
     log.info("job %s: attempt %s starts (model %s, resume %s)", job_id, attempt, model, plan["resume_from"])
     standby = standbys.take(settings)  # a training process that has done its imports, if one waits

@@ -111,19 +111,26 @@ class Job(Base):
     started_at: Mapped[int | None] = mapped_column(BigInteger)
     finished_at: Mapped[int | None] = mapped_column(BigInteger)
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger)
-    # Jobs of jobs: a search's trial names its parent and its number there (unique: a trial is never
-    # created twice); `child_info` is what the parent assigned and learnt of it (lathe.search), and
-    # `search` the parent's own record (its leaderboard, once trials report).
+    # Jobs of jobs: a search's trial (an ensemble's member) names its parent and its number there
+    # (unique: a child is never created twice); `child_info` is what the parent assigned and learnt
+    # of it (lathe.search, lathe.ensemble), and `search` / `ensemble` the parent's own record (its
+    # leaderboard; its members and phase).
     parent_job: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     child_index: Mapped[int | None] = mapped_column(Integer)
     child_info: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     search: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    ensemble: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_status", "status"),
         Index("uq_jobs_idempotency", "tenant_id", "idempotency_key", unique=True),
         Index("uq_jobs_parent_child", "parent_job", "child_index", unique=True),
     )
+
+    @property
+    def is_parent(self) -> bool:
+        """A search or an ensemble: its children do the training (its own run, if any, combines)."""
+        return bool(self.search or self.ensemble)
 
     def job_spec(self) -> JobSpec:
         """The stored spec, typed (it holds the fields the request set; defaults fill the rest)."""

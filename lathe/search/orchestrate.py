@@ -1,13 +1,8 @@
-"""Running a search: `advance(settings, parent_id)`, one idempotent step that reads the search's
-trials from the database and does what is due — record the trials that finished, start new ones
-up to `parallel` (and the tenant's quota), or finish the search with its best trial.
-
-Nothing waits in a process. A step runs (on a worker's light-task pool, `lathe.advance_search`)
-when the parent's files are validated, when a trial ends, when a user cancels a trial, and at
-every sweep (worker.sweeper), which also covers a step lost with its worker. Each step first locks
-the parent's row, so steps of one search never overlap, and a trial's (parent, number) is unique in
-the jobs table, so a trial is never created twice. A worker killed mid-step rolls back everything
-the step wrote; the next step redoes it.
+"""Running a search: `Search.step`, one idempotent step (called by lathe.parents.advance, under
+the parent's row lock) that reads the search's trials from the database and does what is due —
+record the trials that finished, start new ones up to `parallel` (and the tenant's quota), or
+finish the search with its best trial. A trial's (parent, number) is unique in the jobs table, so
+a trial is never created twice.
 """
 
 from __future__ import annotations
@@ -16,55 +11,25 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.spec import JobSpec
 from lathe import lifecycle
 from lathe.db.queries import add_event
-from lathe.db.session import session_scope
-from lathe.db.tables import TERMINAL, Job, JobStatus, new_id, now
+from lathe.db.tables import TERMINAL, Job, JobStatus, now
 from lathe.errors import LatheError
 from lathe.lifecycle import Actor
-from lathe.queue import publish_validate
-from lathe.quotas import active_jobs, lock_tenant
+from lathe.parents import close_cancelled, create_child, fail_child, fail_parent, mark_running, room
 from lathe.search.space import grid_size, objective_of, space_of, trial_spec, validated_trial
 from lathe.settings import Settings
 
 log = logging.getLogger(__name__)
 S = JobStatus
-LIVE = (S.QUEUED, S.RUNNING, S.CANCELLING)
 O = Actor.ORCHESTRATOR
-CREATED = "Created fine-tuning job"  # as lathe.jobs writes it (its event carries the request's fingerprint)
 
 
-def advance(settings: Settings, job_id: str) -> str:
-    """One step of the search `job_id`; returns what it did ("" when nothing was due)."""
-    started: list[str] = []
-    with session_scope(settings.sqlalchemy_url) as session:
-        # The parent's row lock: a no-op UPDATE (as lathe.quotas.lock_tenant) on both dialects.
-        locked = session.execute(update(Job).where(Job.id == job_id, Job.status.in_([str(s) for s in LIVE]))
-                                 .values(attempt=Job.attempt).execution_options(synchronize_session=False)).rowcount
-        parent = session.get(Job, job_id) if locked else None
-        if parent is None or not parent.search:
-            return ""
-        run = _Search(session, settings, parent)
-        run.record_finished()
-        if parent.status == S.CANCELLING:
-            did = run.close_cancelled()
-        elif len(run.children) >= run.total and not run.active:
-            did = run.finish()
-        else:
-            started = run.start_trials()
-            did = f"started {len(started)}" if started else ""
-        run.save_board()
-        session.commit()
-    for child_id in started:  # after the commit: the validator must find the rows
-        publish_validate(settings, child_id)
-    return did
-
-
-class _Search:
+class Search:
     """One step's view of a search: the parent (locked), its trials, the study."""
 
     def __init__(self, session: Session, settings: Settings, parent: Job):
@@ -78,6 +43,20 @@ class _Search:
         self.active = [c for c in self.children if c.status not in TERMINAL]
         total = self.config.trials
         self.total = min(total, grid_size(self.space)) if self.config.sampler.type == "grid" else total
+
+    def step(self) -> tuple[str, list[str], list[str]]:
+        """Do what is due: (what was done, the trials to validate, the jobs to run) once committed."""
+        started: list[str] = []
+        self.record_finished()
+        if self.parent.status == S.CANCELLING:
+            did = close_cancelled(self.session, self.parent, active=self.active)
+        elif len(self.children) >= self.total and not self.active:
+            did = self.finish()
+        else:
+            started = self.start_trials()
+            did = f"started {len(started)}" if started else ""
+        self.save_board()
+        return did, started, []
 
     # -- trials that ended ----------------------------------------------------------------------
 
@@ -131,17 +110,9 @@ class _Search:
         want = min(self.config.parallel - len(self.active), self.total - len(self.children))
         if want <= 0:
             return []
-        quota = lock_tenant(self.session, tenant_id=self.parent.tenant_id, settings=self.settings)
-        in_use = active_jobs(self.session, tenant_id=self.parent.tenant_id)
-        room = quota.max_active_jobs - in_use + (0 if self.active else 1)  # the parent's own place, until a trial runs
-        if room <= 0:
-            if not self.state.get("waiting"):
-                self.state["waiting"] = True
-                add_event(self.session, job_id=self.parent.id, message=(
-                    f"Waiting for room under the active-jobs quota ({in_use} of {quota.max_active_jobs} in use); "
-                    "the next trial starts when a job finishes"))
+        free = room(self.session, self.settings, self.parent, self.state, active=len(self.active), child="trial")
+        if free <= 0:
             return []
-        self.state["waiting"] = False
         from lathe.search.study import Study  # Optuna (and numpy) only where a search starts trials
 
         warm = list(self.state.get("warm_start") or [])
@@ -149,7 +120,7 @@ class _Search:
                       pruner=self.config.pruner, seed=self.parent.seed,
                       records=warm + [c.child_info or {} for c in self.children], study_attrs=self.state.get("study_attrs"))
         ids = []
-        for _ in range(min(want, room)):
+        for _ in range(min(want, free)):
             number = len(self.children)
             params, attrs = study.propose(len(warm) + number)
             child = self._create_trial(number, params, attrs)
@@ -157,10 +128,7 @@ class _Search:
             if child.status != S.FAILED:
                 ids.append(child.id)
         self.state["study_attrs"] = study.study_attrs
-        if self.parent.status == S.QUEUED:
-            lifecycle.move(self.session, job_id=self.parent.id, source=S.QUEUED, target=S.RUNNING, by=O,
-                           started_at=now())
-            self.session.refresh(self.parent, ["status"])  # as the row now says (the UPDATE skips the session)
+        mark_running(self.session, self.parent)
         return ids
 
     def _create_trial(self, number: int, params: dict[str, Any], attrs: dict[str, Any]) -> Job:
@@ -172,24 +140,13 @@ class _Search:
         except LatheError as e:  # a combination of values the space's corners did not show
             error = {"code": "invalid_trial", "param": e.param, "message": e.message}
             body = trial_spec(parent.spec, {}, objective=self.metric)
-        child = Job(id=new_id("ftjob"), tenant_id=parent.tenant_id, spec=body, model=parent.model, task=parent.task,
-                    training_file=parent.training_file, validation_file=parent.validation_file,
-                    test_file=parent.test_file, result_files=[], job_metadata=parent.job_metadata, seed=parent.seed,
-                    attempt=0, max_attempts=self.settings.max_attempts, created_at=now(),
-                    parent_job=parent.id, child_index=number, child_info=record)
-        self.session.add(child)
-        self.session.flush()
-        add_event(self.session, job_id=child.id, message=CREATED,
-                  data={"parent_job": parent.id, "trial": number, "params": params})
+        child = create_child(self.session, self.settings, parent, number=number, spec=body, info=record,
+                             data={"trial": number, "params": params})
         shown = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in params.items())
         add_event(self.session, job_id=parent.id, message=f"Trial {number} started: {child.id} ({shown})",
                   data={"trial": number, "job": child.id, "params": params})
         if error is not None:
-            lifecycle.move(self.session, job_id=child.id, source=S.VALIDATING_FILES, target=S.FAILED, by=O,
-                           error=error, finished_at=now())
-            self.session.refresh(child, ["status"])
-            add_event(self.session, job_id=child.id, level="error", data={"error": error},
-                      message=f"The job failed: {error['message']}")
+            fail_child(self.session, child, error)
         return child
 
     # -- the end -----------------------------------------------------------------------------------
@@ -202,11 +159,7 @@ class _Search:
             counts = ", ".join(f"{states.count(s)} {s}" for s in ("failed", "pruned", "cancelled") if states.count(s))
             error = {"code": "search_failed", "param": None,
                      "message": f"No trial of the search finished ({counts})" + (f"; the first error: {first}" if first else "")}
-            if lifecycle.move(self.session, job_id=self.parent.id, source=S.RUNNING, target=S.FAILED, by=O,
-                              error=error, finished_at=now()):
-                add_event(self.session, job_id=self.parent.id, level="error", data={"error": error},
-                          message=f"The job failed: {error['message']}")
-            return "failed"
+            return fail_parent(self.session, self.parent, error)
         info = best.child_info
         tokens = sum(c.trained_tokens or 0 for c in self.children)
         if not lifecycle.move(self.session, job_id=self.parent.id, source=S.RUNNING, target=S.SUCCEEDED, by=O,
@@ -221,14 +174,6 @@ class _Search:
                   data={"fine_tuned_model": best.fine_tuned_model})
         add_event(self.session, job_id=self.parent.id, message="The job has successfully completed")
         return "succeeded"
-
-    def close_cancelled(self) -> str:
-        """A cancelled search becomes cancelled once every trial has stopped."""
-        if self.active or not lifecycle.move(self.session, job_id=self.parent.id, source=S.CANCELLING,
-                                             target=S.CANCELLED, by=O, finished_at=now()):
-            return ""
-        add_event(self.session, job_id=self.parent.id, message="The job was cancelled")
-        return "cancelled"
 
     # -- the leaderboard -------------------------------------------------------------------------
 

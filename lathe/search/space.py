@@ -73,13 +73,13 @@ def check_keys(space: dict[str, SearchParam]) -> None:
         BadRequest: param `config.search.space.<key>`.
     """
     for key in space:
-        why = _not_searchable(key)
+        why = not_searchable(key)
         if why:
             raise BadRequest(f"config.search.space: {key!r} {why}", param=f"config.search.space.{key}",
                              code="invalid_search_space")
 
 
-def _not_searchable(key: str) -> str | None:
+def not_searchable(key: str) -> str | None:
     if not key.startswith(SEARCHABLE_ROOTS):
         return "is not a field of hyperparameters or config."
     if key == "config.search" or key.startswith("config.search."):

@@ -16,7 +16,7 @@ from lathe.db.session import session_scope
 from lathe.db.tables import Event, Job, JobStatus, Tenant, now
 from lathe.lifecycle import Actor, claim_job, move
 from lathe.quotas import active_jobs
-from lathe.search.orchestrate import advance
+from lathe.parents import advance
 from tests.tiny_models import sentiment_rows
 from tests.worker.conftest import add_file, get_job, make_job
 from worker import tasks
