@@ -55,11 +55,9 @@ class TrainRowsConfig(Strict):
 
 
 class MetaLearnerConfig(Strict):
-    """stacking: the model fit on the members' out-of-fold predictions (scikit-learn; stored as numbers)."""
+    """stacking: the model fit on the members' out-of-fold predictions (scikit-learn; stored as numbers):
+    logistic regression for classification (one per label when multi-label), ridge for regression."""
 
-    type: Literal["logistic_regression", "ridge"] = Field(
-        "logistic_regression", description="logistic_regression for classification (one per label when "
-                                           "multi-label), ridge for regression.")
     c: float = Field(1.0, gt=0, le=1e6, description="Inverse regularisation strength (scikit-learn's C; ridge: "
                                                     "alpha = 1/c).")
 
@@ -84,7 +82,8 @@ class EnsembleConfig(Strict):
         None, description="bagging: each member trains on this share of the rows drawn without replacement; "
                           "null: a bootstrap resample.")
     folds: int = Field(3, ge=2, le=10, description="stacking: folds per member (each member is trained this many times).")
-    meta_learner: MetaLearnerConfig = Field(default_factory=MetaLearnerConfig)
+    meta_learner: MetaLearnerConfig = Field(default_factory=MetaLearnerConfig, description="stacking: logistic "
+                                            "regression (one per label when multi-label), ridge for regression.")
     from_search: str | None = Field(None, max_length=40, description="A finished search (ftjob-...) whose trial "
                                                                       "models are combined without retraining.")
 
@@ -107,8 +106,10 @@ class EnsembleConfig(Strict):
             raise ValueError(f"an ensemble has 2 to {MAX_MEMBERS} members, not {count}")
         if self.method == "stacking" and count * self.folds > 4 * MAX_MEMBERS:
             raise ValueError(f"stacking trains members x folds jobs; at most {4 * MAX_MEMBERS}")
-        if self.subsample is not None and self.method != "bagging":
-            raise ValueError("subsample applies to bagging only")
+        for name, methods in (("subsample", ("bagging",)), ("vote", ("bagging",)), ("folds", ("stacking",)),
+                              ("meta_learner", ("stacking",))):
+            if name in self.model_fields_set and self.method not in methods:
+                raise ValueError(f"{name} applies to {' and '.join(methods)} only, not {self.method}")
         return self
 
     @property

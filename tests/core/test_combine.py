@@ -13,7 +13,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
+from sklearn.linear_model import LogisticRegression
 
 from core.adapters import DataFiles, adapter_for
 from core.combine import Member, Stage, combine, fit_meta, held_out_rows
@@ -34,10 +36,20 @@ NEUTRAL = ["the movie", "a plot and an actor", "it was the story", "this film", 
 # --- training the members once ------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train faster on one thread, and far faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def parent_body(ensemble: dict, *, hp: dict = LEARNS, **config) -> dict:
     return {"model": "m", "training_file": "t", "validation_file": "v", "test_file": "x",
             "task": "text-classification", "hyperparameters": hp,
-            "config": {"max_length": 32, "metric_for_best_model": "f1_macro", **config, "ensemble": ensemble}}
+            "config": {"max_length": 32, "metric_for_best_model": "f1_macro", "checkpoint_every_steps": 10_000,
+                       **config, "ensemble": ensemble}}
 
 
 def member_spec(parent: dict, *, seed: int, train_rows: dict | None, **config) -> JobSpec:
@@ -301,6 +313,12 @@ def test_stacking_exports_its_meta_learner_as_numbers_and_the_loader_applies_it(
     np.testing.assert_allclose(outputs, apply_meta(meta, member_outputs(stacked, texts), problem_type="single_label"),
                                atol=1e-5)
     np.testing.assert_allclose(outputs.sum(1), 1, atol=1e-9)
+    # The numbers mean what scikit-learn's model meant: its predict_proba on the members' outputs side by side.
+    sklearn = LogisticRegression()
+    sklearn.coef_, sklearn.intercept_, sklearn.classes_ = (np.array(meta["coef"]), np.array(meta["intercept"]),
+                                                           np.array([0, 1]))
+    np.testing.assert_allclose(outputs, sklearn.predict_proba(np.concatenate(member_outputs(stacked, texts), axis=1)),
+                               atol=1e-5)
     labels = d["labels"]
     targets = [labels.index(str(r["label"])) for r in sentiment.test]
     test = stacked.report["ensemble"]["test"]
@@ -384,8 +402,11 @@ def test_multi_label_stacking_fits_one_meta_learner_per_label(multilabel):
     texts = [r["text"] for r in multilabel.test]
     outputs = EnsembleModel.load(multilabel.folder).outputs(texts)
     assert outputs.shape == (len(texts), 3) and ((outputs > 0) & (outputs < 1)).all()
-    np.testing.assert_allclose(outputs, apply_meta(meta, member_outputs(multilabel, texts), problem_type="multi_label"),
-                               atol=1e-5)
+    own = member_outputs(multilabel, texts)
+    np.testing.assert_allclose(outputs, apply_meta(meta, own, problem_type="multi_label"), atol=1e-5)
+    for label in range(3):  # one logistic regression per label over that label's member outputs
+        z = own[0][:, label] * meta["coef"][label][0] + own[1][:, label] * meta["coef"][label][1] + meta["intercept"][label]
+        np.testing.assert_allclose(outputs[:, label], 1 / (1 + np.exp(-z)), atol=1e-5)
     test = multilabel.report["ensemble"]["test"]
     assert finite(test) and 0 <= test["f1_micro"] <= 1
     truth = np.array([[float(label in r["label"].split("|")) for label in d["labels"]] for r in multilabel.test])
