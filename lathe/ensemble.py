@@ -10,7 +10,7 @@ Phases, in the parent's `ensemble` record:
 `from_search` skips the members phase: its members are the search's finished trials.
 
 A member's spec is the parent's without `ensemble`, with its overrides, seed (parent's + member
-number) and rows: bagging a bootstrap resample (or subsample) drawn by (parent seed, member),
+number; a soup's overridden members all keep the parent's, to start alike) and rows: bagging a bootstrap resample (or subsample) drawn by (parent seed, member),
 stacking all but fold `holdout` of the folds drawn by the parent seed (config.train_rows).
 """
 
@@ -54,7 +54,10 @@ def member_spec(parent: dict[str, Any], cfg: EnsembleConfig, *, seed: int, membe
     body.setdefault("config", {}).pop("ensemble", None)
     for key, value in cfg.overrides()[member].items():
         set_path(body, key, value)
-    body["seed"] = (seed + member) % 2**31
+    # Members differ by seed, except a soup's given as overrides: those share the parent's seed, so
+    # they start from the same weights (a new head drawn alike), as the soup recipe wants.
+    shared = cfg.resolved_method == "soup" and isinstance(cfg.members, list)
+    body["seed"] = seed if shared else (seed + member) % 2**31
     if cfg.resolved_method == "bagging":
         draw = {"method": "subsample", "fraction": cfg.subsample} if cfg.subsample else {"method": "bootstrap"}
         body["config"]["train_rows"] = {**draw, "seed": seed, "stream": member}

@@ -140,3 +140,32 @@ def make_ensemble_base(settings, ensemble: Job) -> None:
 
     with session_scope(settings.sqlalchemy_url) as session:
         resolve_model(session, settings, tenant_id=ensemble.tenant_id, name=ensemble.fine_tuned_model)
+
+
+def test_from_search_combines_the_search_trials_by_selection_without_training(settings):
+    from tests.worker.test_search_steps import create_search
+
+    search = create_search(settings, trials=2, parallel=2, sampler="random")
+    advance(settings, search)
+    for trial in children(settings, search):
+        train(settings, trial)
+    assert advance(settings, search) == "succeeded"
+    found = get_job(settings, search)
+    payload = {"model": "tiny-bert", "training_file": found.training_file, "validation_file": found.validation_file,
+               "config": {"max_length": 16, "device": "cpu", "metric_for_best_model": "accuracy",
+                          "ensemble": {"from_search": search}}}
+    with session_scope(settings.sqlalchemy_url) as session:
+        job, _ = jobs.create_job(session, settings, tenant_id=found.tenant_id, payload=payload)
+        parent = job.id
+    assert tasks.validate_job(parent, settings=settings) == JobStatus.QUEUED
+    assert advance(settings, parent) == "combine" and children(settings, parent) == []  # nothing trained
+    assert tasks.run_job(parent, settings=settings) == JobStatus.SUCCEEDED, get_job(settings, parent).error
+    job = get_job(settings, parent)
+    with session_scope(settings.sqlalchemy_url) as session:
+        folder = Path(session.get(Model, job.fine_tuned_model).path)
+    description = json.loads((folder / "ensemble.json").read_text())
+    assert description["method"] == "selection"
+    assert [m["job"] for m in description["members"]] == [t.id for t in children(settings, search)]
+    weights = [m["weight"] for m in description["members"]]
+    assert all(w == int(w) and w >= 0 for w in weights) and sum(weights) >= 1  # picks, with replacement
+    assert job.metrics["best"]["accuracy"] >= max(m["validation"]["accuracy"] for m in job.metrics["members"])
