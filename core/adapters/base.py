@@ -48,9 +48,12 @@ class Split:
         def pick(column: Any) -> Any:
             return [column[i] for i in picked] if isinstance(column, list) else column[picked]
 
+        def per_example(value: Any) -> bool:  # a column with one entry per example (weights may be None)
+            return isinstance(value, (list, np.ndarray, torch.Tensor)) and len(value) == len(self)
+
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values = {name: ({k: pick(v) for k, v in value.items()} if name == "features" else
-                         pick(value) if isinstance(value, list) else value) for name, value in values.items()}
+                         pick(value) if per_example(value) else value) for name, value in values.items()}
         return dataclasses.replace(self, **values)
 
     def weight_tensor(self, indices: list[int]) -> dict[str, torch.Tensor]:

@@ -64,6 +64,20 @@ def check_search(session: Session, *, tenant_id: str, spec: JobSpec, stored: dic
     return record
 
 
+def a_search(session: Session, *, tenant_id: str, job_id: str, param: str) -> Job:
+    """The tenant's search `job_id`, named by a request's field `param`.
+
+    Raises:
+        NotFound: not one of the tenant's jobs. BadRequest: a job, but not a search.
+    """
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    if job is None:
+        raise NotFound(f"No such job: {job_id!r}.", param=param)
+    if not job.search:
+        raise BadRequest(f"Job {job_id} is not a search; {param.rsplit('.', 1)[-1]} takes a search's id.", param=param)
+    return job
+
+
 def warm_start(session: Session, *, tenant_id: str, job_id: str, metric: str, maximize: bool) -> list[dict[str, Any]]:
     """The finished trials of an earlier search of the tenant, as records for the new study (their
     parameters, state, value and curve; not the sampler's notes, which belong to that study).
@@ -72,11 +86,7 @@ def warm_start(session: Session, *, tenant_id: str, job_id: str, metric: str, ma
         NotFound / BadRequest: param config.search.warm_start_from.
     """
     param = "config.search.warm_start_from"
-    earlier = get_job(session, tenant_id=tenant_id, job_id=job_id)
-    if earlier is None:
-        raise NotFound(f"No such job: {job_id!r}.", param=param)
-    if not earlier.search:
-        raise BadRequest(f"Job {job_id} is not a search; warm_start_from takes an earlier search's id.", param=param)
+    earlier = a_search(session, tenant_id=tenant_id, job_id=job_id, param=param)
     objective = earlier.search.get("objective") or {}
     if objective.get("metric") != metric or objective.get("mode") != ("max" if maximize else "min"):
         raise BadRequest(f"Search {job_id} optimised {objective.get('metric')} ({objective.get('mode')}); this one "

@@ -52,10 +52,11 @@ def parent_body(ensemble: dict, *, hp: dict = LEARNS, **config) -> dict:
                        **config, "ensemble": ensemble}}
 
 
-def member_spec(parent: dict, *, seed: int, train_rows: dict | None, **config) -> JobSpec:
+def member_spec(parent: dict, *, seed: int, train_rows: dict | None, hp: dict | None = None, **config) -> JobSpec:
     """A member's spec as lathe plans it: the parent's body without `ensemble`, its seed and rows."""
     body = json.loads(json.dumps(parent))
     body["config"].pop("ensemble")
+    body["hyperparameters"].update(hp or {})
     body["config"].update(config)
     body["seed"] = seed
     if train_rows is not None:
@@ -125,9 +126,17 @@ def stacked(sentiment, tiny_bert_dir):
 
 
 @pytest.fixture(scope="module")
-def souped(sentiment, bagged):
-    parent = parent_body({"method": "soup", "members": 2})
-    return combined(parent, bagged.members, sentiment.files, sentiment.root / "soup-parent")
+def souped(sentiment, tiny_bert_dir):
+    """A soup's members as lathe plans overridden ones: the parent's seed (one head init), all rows."""
+    overrides = [{"hyperparameters.learning_rate_multiplier": 30}, {"hyperparameters.learning_rate_multiplier": 20}]
+    parent = parent_body({"method": "soup", "members": overrides})
+    members = []
+    for m, override in enumerate(overrides):
+        spec = member_spec(parent, seed=42, train_rows=None,
+                           hp={"learning_rate_multiplier": override["hyperparameters.learning_rate_multiplier"]})
+        model = train(tiny_bert_dir, sentiment.files, spec, sentiment.root / f"soup-m{m}")
+        members.append(Member(m, f"ftjob-soup{m}", model, spec))
+    return combined(parent, members, sentiment.files, sentiment.root / "soup-parent")
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +158,10 @@ def regression(tmp_path_factory, tiny_bert_dir):
 @pytest.fixture(scope="module")
 def multilabel(tmp_path_factory, tiny_bert_dir):
     root = tmp_path_factory.mktemp("multilabel")
-    rows = [{"text": r["text"], "label": ("pos" if r["label"] else "neg") + ("|long" if len(r["text"].split()) > 6 else "")}
-            for r in sentiment_rows(64, seed=3)]
+    def labels(row: dict) -> str:
+        return ("pos" if row["label"] else "neg") + ("|long" if len(row["text"].split()) > 6 else "")
+
+    rows = [{"text": r["text"], "label": labels(r)} for r in sentiment_rows(64, seed=3)]
     files = DataFiles(write_text_dataset(root / "train.csv", rows[:40]),
                       write_text_dataset(root / "validation.csv", rows[40:52]),
                       write_text_dataset(root / "test.csv", rows[52:]))
@@ -203,7 +214,8 @@ def test_bagging_exports_members_and_the_loader_averages_their_own_answers(bagge
     assert {p.name for p in folder.iterdir()} == {"members", "ensemble.json", "eval_report.json", "lathe_job.json"}
     assert sorted(p.name for p in (folder / "members").iterdir()) == ["m0", "m1"]
     for i, member in enumerate(bagged.members):  # each member's folder as it was exported
-        assert (folder / f"members/m{i}/model.safetensors").read_bytes() == (member.model_dir / "model.safetensors").read_bytes()
+        copied = folder / f"members/m{i}/model.safetensors"
+        assert copied.read_bytes() == (member.model_dir / "model.safetensors").read_bytes()
     d = bagged.description
     assert (d["format"], d["method"], d["vote"], d["problem_type"], d["labels"]) == (
         "lathe-ensemble", "bagging", "soft", "single_label", ["0", "1"])
@@ -329,15 +341,16 @@ def test_stacking_exports_its_meta_learner_as_numbers_and_the_loader_applies_it(
 # --- soup ---------------------------------------------------------------------------------------
 
 
-def test_a_soup_is_the_mean_of_its_ingredients_weights(souped, bagged, sentiment):
+def test_a_soup_is_the_mean_of_its_ingredients_weights(souped, sentiment):
     folder = souped.folder
     names = {p.name for p in folder.iterdir()}
     assert "model.safetensors" in names and "config.json" in names and "eval_report.json" in names
     assert "ensemble.json" not in names and "members" not in names
     report = souped.report
     ingredients = report["ingredients"]
-    assert ingredients and set(ingredients) <= {0, 1} and len(set(ingredients)) == len(ingredients)
-    states = {m.index: load_file(str(m.model_dir / "model.safetensors")) for m in bagged.members}
+    # Members from one head init that both fit the data: the second does not hurt validation and joins.
+    assert ingredients == [0, 1], report
+    states = {m.index: load_file(str(m.model_dir / "model.safetensors")) for m in souped.members}
     exported = load_file(str(folder / "model.safetensors"))
     assert exported.keys() == states[0].keys()
     for key, value in exported.items():
@@ -346,8 +359,8 @@ def test_a_soup_is_the_mean_of_its_ingredients_weights(souped, bagged, sentiment
             np.testing.assert_allclose(value.double().numpy(), expected.numpy(), atol=1e-6, err_msg=key)
         else:
             assert (value == states[ingredients[0]][key]).all(), key
-    if len(ingredients) == 2:  # a real mean, not a copy of one member
-        assert not all((states[0][k] == states[1][k]).all() for k in exported if exported[k].is_floating_point())
+    floats = [k for k in exported if exported[k].is_floating_point()]
+    assert not all((states[0][k] == states[1][k]).all() for k in floats)  # two different members: a real mean
     # Greedy soup: an ingredient joins only if validation does not get worse, so the soup is at least
     # as good as the best member on validation.
     metric = report["metric"]
@@ -359,13 +372,13 @@ def test_a_soup_is_the_mean_of_its_ingredients_weights(souped, bagged, sentiment
     assert report["ensemble"]["test"]["loss"] == pytest.approx(log_loss(out, targets), abs=1e-5)
 
 
-def test_a_soup_of_members_with_different_heads_is_refused(bagged, sentiment, tiny_bert_dir):
-    parent = parent_body({"method": "soup", "members": 2}, hp={**LEARNS, "n_epochs": 1})
-    spec = member_spec(parent, seed=43, train_rows=None, head={"type": "mlp", "hidden_sizes": [16]})
+def test_a_soup_of_members_with_different_heads_is_refused(souped, sentiment, tiny_bert_dir):
+    parent = parent_body({"method": "soup", "members": 2})
+    spec = member_spec(parent, seed=42, train_rows=None, hp={"n_epochs": 1}, head={"type": "mlp", "hidden_sizes": [16]})
     mlp = train(tiny_bert_dir, sentiment.files, spec, sentiment.root / "mlp")
     work = sentiment.root / "bad-soup"
     with pytest.raises(EngineError) as e:
-        combine(JobSpec.model_validate(parent), [bagged.members[0], Member(1, "ftjob-mlp", mlp, spec)],
+        combine(JobSpec.model_validate(parent), [souped.members[0], Member(1, "ftjob-mlp", mlp, spec)],
                 sentiment.files, work, ListSink())
     assert e.value.param == "config.ensemble.members"
     assert "member 1 (ftjob-mlp)" in e.value.message and "another head" in e.value.message
@@ -405,7 +418,8 @@ def test_multi_label_stacking_fits_one_meta_learner_per_label(multilabel):
     own = member_outputs(multilabel, texts)
     np.testing.assert_allclose(outputs, apply_meta(meta, own, problem_type="multi_label"), atol=1e-5)
     for label in range(3):  # one logistic regression per label over that label's member outputs
-        z = own[0][:, label] * meta["coef"][label][0] + own[1][:, label] * meta["coef"][label][1] + meta["intercept"][label]
+        (a, b), c = meta["coef"][label], meta["intercept"][label]
+        z = own[0][:, label] * a + own[1][:, label] * b + c
         np.testing.assert_allclose(outputs[:, label], 1 / (1 + np.exp(-z)), atol=1e-5)
     test = multilabel.report["ensemble"]["test"]
     assert finite(test) and 0 <= test["f1_micro"] <= 1

@@ -199,8 +199,9 @@ def test_folds_of_a_multi_label_or_regression_job_are_not_stratified(tiny_bert_d
         spec = JobSpec.model_validate({**BASE, "task": "text-classification", "config": {"max_length": 16, **config}})
         adapter = adapter_for(Task.TEXT_CLASSIFICATION, spec)
         whole = adapter.prepare(DataFiles(path), adapter.load_processor(str(tiny_bert_dir))).train
-        drawn = adapter_for(Task.TEXT_CLASSIFICATION, spec.model_copy(update={"config": spec.config.model_copy(
-            update={"train_rows": JobSpec.model_validate({**BASE, "config": {"train_rows": draw}}).config.train_rows})}))
+        with_rows = JobSpec.model_validate({**BASE, "task": "text-classification",
+                                            "config": {"max_length": 16, **config, "train_rows": draw}})
+        drawn = adapter_for(Task.TEXT_CLASSIFICATION, with_rows)
         np.testing.assert_array_equal(drawn.drawn_rows(whole), expected)
         data = drawn.prepare(DataFiles(path), drawn.load_processor(str(tiny_bert_dir)))
         assert data.train == whole.take(expected) and len(data.train) == 15
@@ -279,14 +280,16 @@ def error_of(config: dict) -> tuple[str, str]:
     ({"ensemble": {"method": "bagging", "members": 1}}, "config.ensemble", "2 to 16 members, not 1"),
     ({"ensemble": {"method": "bagging", "members": 17}}, "config.ensemble", "2 to 16 members, not 17"),
     ({"ensemble": {"method": "soup", "members": [{"seed": 1}]}}, "config.ensemble", "not 1"),
-    ({"ensemble": {"method": "soup", "from_search": "ftjob-abc"}}, "config.ensemble", "from_search builds its ensemble by selection"),
+    ({"ensemble": {"method": "soup", "from_search": "ftjob-abc"}}, "config.ensemble",
+     "from_search builds its ensemble by selection"),
     ({"ensemble": {"from_search": "ftjob-abc", "members": 3}}, "config.ensemble", "members does not apply"),
     ({"ensemble": {"method": "selection"}}, "config.ensemble", "selection needs from_search"),
     ({"ensemble": {}}, "config.ensemble", "method is required"),
     ({"ensemble": {"method": "stacking", "subsample": 0.5}}, "config.ensemble", "subsample applies to bagging only"),
     ({"ensemble": {"method": "stacking", "members": 16, "folds": 5}}, "config.ensemble", "at most 64"),
     ({"ensemble": {"method": "bagging", "vote": "majority"}}, "config.ensemble.vote", "'soft' or 'hard'"),
-    ({"search": {"trials": 2}, "ensemble": {"method": "bagging"}}, "config.ensemble", "search and ensemble cannot be combined"),
+    ({"search": {"trials": 2}, "ensemble": {"method": "bagging"}}, "config.ensemble",
+     "search and ensemble cannot be combined"),
 ])
 def test_bad_train_rows_and_ensemble_bodies_name_the_field(config, where, message):
     loc, msg = error_of(config)
