@@ -124,7 +124,8 @@ def members_of(session: Session, parent: Job) -> list[dict[str, Any]]:
     out = []
     for job, info in zip(jobs, infos):
         model = session.get(Model, job.fine_tuned_model) if job.fine_tuned_model else None
-        out.append({"index": info["member"], "job": job.id, "model_dir": model.path if model else "", "spec": job.spec})
+        out.append({"index": info["member"], "job": job.id, "model_dir": model.path if model else "", "spec": job.spec,
+                    "trained_tokens": job.trained_tokens or 0})
     return out
 
 

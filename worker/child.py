@@ -201,6 +201,7 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
             members = [Member(m["index"], m["job"], Path(m["model_dir"]), JobSpec.model_validate(m["spec"]))
                        for m in plan["members"]]
             result = combine(spec, members, run_paths.data_files(), run_paths.work_dir, sink)
+            result.trained_tokens = sum(m["trained_tokens"] for m in plan["members"])  # the members trained them
         else:
             result = run(spec, run_paths, sink, should_stop=stop.is_set, archive=False, cache=cache, callbacks=callbacks)
         sink.flush()

@@ -116,6 +116,7 @@ def test_bagging_trains_its_members_then_combines_them_into_one_folder(settings)
     job = get_job(settings, parent)
     assert job.ensemble["phase"] == "combine" and [m["status"] for m in job.ensemble["members"]] == ["succeeded"] * 2
     assert [m["member"] for m in job.metrics["members"]] == [0, 1]
+    assert job.trained_tokens == sum(c.trained_tokens for c in children(settings, parent)) > 0
     assert set(job.metrics["test"]) >= {"accuracy", "f1_macro", "confusion_matrix"}
     with session_scope(settings.sqlalchemy_url) as session:
         model = session.get(Model, job.fine_tuned_model)
