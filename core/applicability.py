@@ -30,17 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from core.architectures import ModelFacts, model_facts  # noqa: F401 - model_facts is part of this API
 from core.errors import InapplicableFieldError
-from core.spec import (
-    AUTO,
-    CAUSAL_LM_METRICS,
-    LABEL_METRICS,
-    MULTI_LABEL_METRICS,
-    REGRESSION_METRICS,
-    TOKEN_METRICS,
-    JobSpec,
-    ProblemType,
-    Task,
-)
+from core.spec import (AUTO, CAUSAL_LM_METRICS, LABEL_METRICS, MULTI_LABEL_METRICS, REGRESSION_METRICS, TOKEN_METRICS,
+                       JobSpec, ProblemType, Task)
 
 if TYPE_CHECKING:
     from core.datasets import DatasetSummary
@@ -75,8 +66,8 @@ TASKS: dict[str, frozenset[Task]] = {
     "config.augmentation.image": frozenset({IMAGE}),
     "config.train_rows": frozenset({TEXT, TOKEN, IMAGE}),  # causal-lm rows may be packed: no row to draw
 }# The tasks each ensemble method combines (core.combine: per-example outputs; a soup: weights).
-ENSEMBLE_TASKS = {"bagging": frozenset({TEXT, IMAGE}), "stacking": frozenset({TEXT, IMAGE}),
-                  "selection": frozenset({TEXT, IMAGE}), "soup": frozenset({TEXT, TOKEN, CAUSAL, IMAGE})}
+ENSEMBLE_TASKS = {**dict.fromkeys(("bagging", "boosting", "stacking", "selection"), frozenset({TEXT, IMAGE})),
+                  "soup": frozenset({TEXT, TOKEN, CAUSAL, IMAGE})}
 
 # Optimizer and schedule fields read by some names only (core.optim, core.schedules).
 OPTIMIZER_NAMES = {"beta1": ("adam", "adamw", "adafactor"), "beta2": ("adam", "adamw"), "eps": ("adam", "adamw"),
@@ -408,12 +399,14 @@ def _rename(text: str, prefix: str) -> str:
 
 
 def _ensemble_rules(job: _Job) -> None:
-    if job.cfg.ensemble is None:
-        return
-    method, path = job.cfg.ensemble.resolved_method, "config.ensemble" + (".method" * ("config.ensemble.method" in job.set))
-    if job.task is not None and job.task not in ENSEMBLE_TASKS[method]:
-        job.refuse(path, f"is {method}, which combines {_names(sorted(ENSEMBLE_TASKS[method]), 'or')} models, not {job.task}.")
+    method = job.cfg.ensemble.resolved_method if job.cfg.ensemble else None
+    path = "config.ensemble.method" if "config.ensemble.method" in job.set else "config.ensemble"
+    if method and job.task is not None and job.task not in ENSEMBLE_TASKS[method]:
+        job.refuse(path, f"is {method}, which combines {_names(sorted(ENSEMBLE_TASKS[method]), 'or')} models, "
+                         f"not {job.task}.")
+    if method == "boosting" and job.problem_type not in (None, ProblemType.SINGLE_LABEL):
+        job.refuse(path, f"is boosting (SAMME), which combines single-label classifiers, not {job.problem_type.value}.")
     if method in ("soup", "selection") and job.spec.validation_file is None:
         job.refuse(path, f"is {method}, which needs a validation file: it keeps a member only if validation improves.")
-    if "config.train_rows" in job.set:
+    if method and "config.train_rows" in job.set:
         job.refuse("config.train_rows", "is set by the ensemble on each member (bootstrap, subsample or folds).")

@@ -2,6 +2,9 @@
 measures them and builds the one model the job exports.
 
     bagging     members' outputs by vote (soft/hard) or mean (regression), equal weights
+    boosting    SAMME: each member trained on the rows reweighted by the errors of the ones before
+                it (`boosting_weights`, in its own training process), combined by a vote weighted
+                by each member's alpha
     selection   a finished search's trial models, weighted by greedy ensemble selection on
                 validation (Caruana et al. 2004: forward selection with replacement)
     stacking    each member trained once per fold on the other folds; its fold models predict the
@@ -32,7 +35,7 @@ import torch
 from core.adapters import DataFiles, Split, TaskAdapter, adapter_for
 from core.durable import fsync_path, fsync_tree
 from core.engine import RunResult
-from core.ensemble import ensemble_selection
+from core.ensemble import ensemble_selection, samme_step
 from core.ensemble_model import DESCRIPTION, FORMAT, combined_outputs, meta_features
 from core.errors import EngineError
 from core.predict import load_for_inference
@@ -62,7 +65,7 @@ class Stage:
 
     def __init__(self, spec: JobSpec, files: DataFiles):
         self.spec, self.files, self.task = spec, files, spec.task
-        self.method = spec.config.ensemble.resolved_method
+        self.method = spec.config.ensemble.resolved_method if spec.config.ensemble else None
         self.metric = spec.config.metric_for_best_model
         self.maximize = ALL_METRICS[self.metric]
         self.device = torch.device("cpu")
@@ -183,6 +186,14 @@ def _describe(stage: Stage, groups: dict[int, list[Member]], measured: list[Meas
         "members": [{"paths": [f"members/m{index}" + (f"/fold{i}" if len(g) > 1 else "") for i in range(len(g))],
                      "weight": 1.0, "job": g[0].job, "jobs": [m.job for m in g]} for index, g in sorted(groups.items())],
     }
+    if stage.method == "boosting":  # SAMME's vote: each member's alpha (none below 0: no worse than chance)
+        alphas, _ = boosting_weights(stage.spec, [g[0] for _, g in sorted(groups.items())], stage.files)
+        if max(alphas) <= 0:
+            raise EngineError("No boosting member did better than chance on its weighted training rows.",
+                              param="config.ensemble")
+        description["vote"] = "hard"
+        for member, alpha in zip(description["members"], alphas):
+            member["weight"] = max(alpha, 0.0)
     if stage.method == "selection":
         counts = ensemble_selection([m.outputs["validation"] for m in measured], stage.score, rounds=SELECTION_ROUNDS,
                                     maximize=stage.maximize, vote=description["vote"])
@@ -192,6 +203,27 @@ def _describe(stage: Stage, groups: dict[int, list[Member]], measured: list[Meas
         description["meta_learner"] = fit_meta(cfg.meta_learner.c, oof, np.asarray(stage.splits["train"].targets),
                                                stage.problem_type, stage.adapter)
     return description
+
+
+def boosting_weights(spec: JobSpec, members: list[Member], files: DataFiles) -> tuple[list[float], np.ndarray]:
+    """SAMME over `members` in order (core.ensemble.samme_step): each one's vote weight (alpha), and
+    the training rows' weights after the last, which the next member trains with. The rows start at
+    config.weight_column's weights, or 1; a member no better than chance (alpha <= 0) changes nothing.
+    A pure function of the members' models and the data, recomputed wherever it is needed."""
+    stage = Stage(spec, files)
+    alphas: list[float] = []
+    weights: np.ndarray | None = None
+    for member in members:
+        adapter, splits, model = stage.prepare(member, with_train=True)
+        train = splits["train"]
+        if weights is None:
+            weights = np.asarray(train.weights if train.weights is not None else np.ones(len(train)), dtype=np.float64)
+        correct = stage.outputs(adapter, model, train).argmax(1) == np.asarray(train.targets)
+        step = samme_step(weights, correct, len(adapter.labels))
+        alphas.append(step.alpha)
+        if step.alpha > 0:
+            weights = step.weights
+    return alphas, weights
 
 
 def fit_meta(c: float, oof: list[np.ndarray], targets: np.ndarray, problem_type: str, adapter: Any) -> dict[str, Any]:

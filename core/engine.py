@@ -58,6 +58,7 @@ class RunPaths:
     work_dir: Path  # engine writes checkpoints/ and output/ under it
     resume_from: Path | None = None  # a checkpoint folder of this job's own run to continue
     init_from: Path | None = None  # a checkpoint folder of an earlier job whose weights this one starts from
+    row_weights: tuple[float, ...] | None = None  # each training row's loss weight (a boosting member's, core.combine)
 
     def data_files(self) -> DataFiles:
         return DataFiles(self.train_file, self.validation_file, self.test_file)
@@ -255,6 +256,8 @@ def build_job(spec: JobSpec, paths: RunPaths, sink: MetricsSink, cache: InputCac
         processor = adapter.load_processor(source)
         timings = {"processor_loaded": time.time()}
         data = adapter.prepare(paths.data_files(), processor)
+        if paths.row_weights is not None:
+            data.train.weights = list(paths.row_weights)
         timings["data_ready"] = time.time()
         metric, greater_is_better = check_metrics(adapter, cfg)
         model = adapter.build_model(source, data, processor)
@@ -370,18 +373,13 @@ def _describe(spec: JobSpec, task: Task, data: TaskData, model: torch.nn.Module,
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     labels = f", {len(data.labels)} labels" if data.labels and task != Task.CAUSAL_LM else ""
-    return (
-        f"Training {spec.model} for {task} on {len(data.train)} examples{labels}; "
-        f"{trainable:,} of {total:,} parameters trainable; {device.type}, {precision.name}."
-    )
+    return (f"Training {spec.model} for {task} on {len(data.train)} examples{labels}; "
+            f"{trainable:,} of {total:,} parameters trainable; {device.type}, {precision.name}.")
 
 
 def _balance(data: TaskData) -> dict[str, Any]:
     """The class balance report: label counts and rows of every split."""
-    return {
-        param: {"rows": s.rows, "label_counts": s.label_counts, **s.details}
-        for param, s in data.summaries.items()
-    }
+    return {param: {"rows": s.rows, "label_counts": s.label_counts, **s.details} for param, s in data.summaries.items()}
 
 
 def _collate(adapter: TaskAdapter, split: Split, indices: list[int], seed: int, epoch: int, batch: int,

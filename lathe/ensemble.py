@@ -2,8 +2,9 @@
 runs once itself to combine them (core.combine) into the model it exports.
 
 Phases, in the parent's `ensemble` record:
-    members   children created up to `parallel` (and the quota) as they finish; a member that
-              fails fails the ensemble (cancelling the others)
+    members   children created up to `parallel` (and the quota) as they finish (boosting: one at
+              a time, each trained on rows weighted by the errors of the ones before it); a
+              member that fails fails the ensemble (cancelling the others)
     combine   every member succeeded: the orchestrator puts the parent back to queued and publishes
               it; a worker claims it like any job (lease, retries, crash safety) and its training
               process combines instead of training (worker.child)
@@ -129,6 +130,15 @@ def members_of(session: Session, parent: Job) -> list[dict[str, Any]]:
     return out
 
 
+def boosted_by(session: Session, job: Job) -> list[dict[str, Any]] | None:
+    """A boosting member's earlier members (as `members_of`), whose errors weigh its training rows;
+    None for any other job."""
+    parent = session.get(Job, job.parent_job) if job.parent_job else None
+    if parent is None or (parent.ensemble or {}).get("method") != "boosting":
+        return None
+    return [m for m in members_of(session, parent) if m["index"] < (job.child_info or {})["member"]]
+
+
 class Ensemble:
     """One step's view of an ensemble: the parent (locked) and its members."""
 
@@ -175,7 +185,8 @@ class Ensemble:
         self.state["members"] = rows
 
     def start_members(self) -> list[str]:
-        want = min(self.cfg.parallel - len(self.active), len(self.plan) - len(self.children))
+        parallel = 1 if self.cfg.resolved_method == "boosting" else self.cfg.parallel  # each learns from the ones before
+        want = min(parallel - len(self.active), len(self.plan) - len(self.children))
         free = (room(self.session, self.settings, self.parent, self.state, active=len(self.active), child="member")
                 if want > 0 else 0)
         ids = []

@@ -187,6 +187,14 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
             resume_from=Path(plan["resume_from"]) if plan.get("resume_from") else None,
             init_from=Path(plan["init_from"]) if plan.get("init_from") else None,
         )
+        if plan.get("boost_after"):  # a boosting member: its rows weighted by the errors of the ones before it
+            from core.combine import boosting_weights
+
+            alphas, weights = boosting_weights(spec, _members(plan["boost_after"]), run_paths.data_files())
+            run_paths = dataclasses.replace(run_paths, row_weights=tuple(weights))
+            sink.event(f"Boosting: rows weighted by the {len(alphas)} member(s) before this one (SAMME; their vote "
+                       f"weights {', '.join(f'{a:.3f}' for a in alphas)}; heaviest row {max(weights):.2f})",
+                       data={"alphas": alphas})
         # No archive: the worker packs it once the job is recorded as succeeded.
         cache = InputCache(settings.input_cache_dir, settings.cache_max_bytes) if settings.cache_max_bytes else None
         callbacks = []
@@ -196,11 +204,9 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
 
             callbacks.append(Pruning(TrialPruning(sink, settings.sqlalchemy_url, job_id)))
         if spec.config.ensemble:  # the parent of an ensemble: combine its members' models (core.combine)
-            from core.combine import Member, combine
+            from core.combine import combine
 
-            members = [Member(m["index"], m["job"], Path(m["model_dir"]), JobSpec.model_validate(m["spec"]))
-                       for m in plan["members"]]
-            result = combine(spec, members, run_paths.data_files(), run_paths.work_dir, sink)
+            result = combine(spec, _members(plan["members"]), run_paths.data_files(), run_paths.work_dir, sink)
             result.trained_tokens = sum(m["trained_tokens"] for m in plan["members"])  # the members trained them
         else:
             result = run(spec, run_paths, sink, should_stop=stop.is_set, archive=False, cache=cache, callbacks=callbacks)
@@ -230,6 +236,13 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
         sink.close()
     write_json_atomic(paths["result.json"], outcome)
     return code
+
+
+def _members(entries: list[dict[str, Any]]) -> list[Any]:
+    """core.combine.Member of each member the plan names (lathe.ensemble.members_of)."""
+    from core.combine import Member
+
+    return [Member(m["index"], m["job"], Path(m["model_dir"]), JobSpec.model_validate(m["spec"])) for m in entries]
 
 
 def _ready_message(timing: dict[str, Any]) -> str:

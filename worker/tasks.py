@@ -25,7 +25,7 @@ from core.spec import JobSpec, Task
 from lathe.db.queries import add_event
 from lathe.db.session import session_scope
 from lathe.db.tables import TERMINAL, Checkpoint, File, Job, JobStatus, now
-from lathe.ensemble import check_ensemble, members_of
+from lathe.ensemble import boosted_by, check_ensemble, members_of
 from lathe.errors import LatheError
 from lathe.lifecycle import Actor, claim_job, move
 from lathe.model_source import cache_only, resolve_model
@@ -219,6 +219,8 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
                                 "hub_cache_only": cache_only(settings, source)}
         if job.ensemble:  # the combine stage (lathe.ensemble): the members' models, not a training run
             plan["members"] = members_of(session, job)
+        elif (earlier := boosted_by(session, job)) is not None:  # a boosting member: weighted by the ones before
+            plan["boost_after"] = earlier
         if checkpoint is not None:
             message = f"Fine-tuning job resumed (attempt {attempt}) from the checkpoint at step {checkpoint.step}"
         elif attempt > 1:
@@ -228,7 +230,7 @@ def run_job(job_id: str, *, settings: Settings | None = None) -> str:
         if job.ensemble:
             message = f"Combining the ensemble's {len(plan['members'])} member models (attempt {attempt})"
         add_event(session, job_id=job_id, attempt=attempt, message=message,
-                  data={"attempt": attempt, **{k: v for k, v in plan.items() if k != "members"}})
+                  data={"attempt": attempt, **{k: v for k, v in plan.items() if k not in ("members", "boost_after")}})
 
     log.info("job %s: attempt %s starts (model %s, resume %s)", job_id, attempt, model, plan["resume_from"])
     standby = standbys.take(settings)  # a training process that has done its imports, if one waits

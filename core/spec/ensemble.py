@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from core.spec.base import Strict
 
-METHODS = ("bagging", "stacking", "soup", "selection")
+METHODS = ("bagging", "boosting", "stacking", "soup", "selection")
 MAX_MEMBERS = 16
 
 Choice = bool | int | float | str
@@ -69,12 +69,15 @@ class EnsembleConfig(Strict):
         None, description="bagging: members on bootstrap resamples (or a subsample), combined by vote or mean; "
                           "stacking: each member trained on K-1 of `folds` folds, a meta-learner fit on their "
                           "out-of-fold predictions; soup: members' weights averaged greedily while validation "
-                          "improves (one ordinary model); selection (with from_search): greedy ensemble selection "
-                          "of a finished search's trial models. boosting is not available yet.")
+                          "improves (one ordinary model); boosting: SAMME, members one after another on rows "
+                          "reweighted where the earlier members erred, combined by a vote weighted by their "
+                          "accuracy; selection (with from_search): greedy ensemble selection of a finished "
+                          "search's trial models.")
     members: int | list[dict[Annotated[str, Field(min_length=3, max_length=200)], Choice]] = Field(
         3, description="How many members (the same job, varied seed and rows), or one object per member of dotted "
                        "paths into the job body, as a search space's keys (e.g. {\"config.lora.r\": 8}).")
-    parallel: int = Field(2, ge=1, le=MAX_MEMBERS, description="Members training at once at most.")
+    parallel: int = Field(2, ge=1, le=MAX_MEMBERS, description="Members training at once at most (boosting trains "
+                                                              "them one after another).")
     vote: Literal["soft", "hard"] = Field("soft", description="bagging, selection: soft averages the members' "
                                                               "probabilities, hard counts their labels (regression: "
                                                               "always the mean).")
@@ -89,8 +92,6 @@ class EnsembleConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> EnsembleConfig:
-        if self.method == "boosting":
-            raise ValueError("boosting is not available yet; use bagging, stacking or soup")
         if self.from_search is not None:
             if self.method not in (None, "selection"):
                 raise ValueError("from_search builds its ensemble by selection; leave method out or set \"selection\"")
@@ -107,9 +108,10 @@ class EnsembleConfig(Strict):
         if self.method == "stacking" and count * self.folds > 4 * MAX_MEMBERS:
             raise ValueError(f"stacking trains members x folds jobs; at most {4 * MAX_MEMBERS}")
         for name, methods in (("subsample", ("bagging",)), ("vote", ("bagging",)), ("folds", ("stacking",)),
-                              ("meta_learner", ("stacking",))):
+                              ("meta_learner", ("stacking",)), ("parallel", ("bagging", "stacking", "soup"))):
             if name in self.model_fields_set and self.method not in methods:
-                raise ValueError(f"{name} applies to {' and '.join(methods)} only, not {self.method}")
+                which = " and ".join(filter(None, (", ".join(methods[:-1]), methods[-1])))
+                raise ValueError(f"{name} applies to {which} only, not {self.method}")
         return self
 
     @property

@@ -32,7 +32,7 @@ def test_an_ensemble_is_stored_with_its_record_and_publishes_its_validation(clie
 
 
 @pytest.mark.parametrize("ensemble, param, words", [
-    ({"method": "boosting"}, "config.ensemble", "not available yet"),
+    ({"method": "boosting", "parallel": 3}, "config.ensemble", "parallel applies to bagging, stacking and soup"),
     ({"method": "bagging", "members": 1}, "config.ensemble", "2 to 16 members"),
     ({"method": "soup", "vote": "hard"}, "config.ensemble", "vote applies to bagging"),
     ({"method": "bagging", "folds": 4}, "config.ensemble", "folds applies to stacking"),
@@ -60,6 +60,15 @@ def test_a_soup_needs_a_validation_file_and_a_causal_lm_only_soups(client, acme,
                config={"ensemble": {"method": "bagging"}})
     err = assert_error(r, 400, param="config.ensemble.method")
     assert "not causal-lm" in err["message"]
+
+
+def test_boosting_is_for_single_label_classifiers(client, acme, files):  # noqa: F811
+    r = create(client, acme, model="bert-base-uncased", task="token-classification", **files,
+               config={"ensemble": {"method": "boosting"}})
+    err = assert_error(r, 400, param="config.ensemble.method")
+    assert "not token-classification" in err["message"]
+    r = ensemble_job(client, acme, files, method="boosting", members=4)
+    assert r.status_code == 200, r.text
 
 
 def test_search_and_ensemble_are_one_or_the_other(client, acme, files):  # noqa: F811

@@ -276,7 +276,7 @@ def error_of(config: dict) -> tuple[str, str]:
     ({"train_rows": {"method": "jackknife"}}, "config.train_rows.method", "'bootstrap', 'subsample' or 'folds'"),
     ({"train_rows": {"method": "bootstrap", "stream": -1}}, "config.train_rows.stream", "greater than or equal"),
     ({"train_rows": {"method": "bootstrap", "rows": 3}}, "config.train_rows.rows", "Extra inputs"),
-    ({"ensemble": {"method": "boosting"}}, "config.ensemble", "boosting is not available"),
+    ({"ensemble": {"method": "boosting", "parallel": 2}}, "config.ensemble", "parallel applies to bagging, stacking and soup only"),
     ({"ensemble": {"method": "bagging", "members": 1}}, "config.ensemble", "2 to 16 members, not 1"),
     ({"ensemble": {"method": "bagging", "members": 17}}, "config.ensemble", "2 to 16 members, not 17"),
     ({"ensemble": {"method": "soup", "members": [{"seed": 1}]}}, "config.ensemble", "not 1"),

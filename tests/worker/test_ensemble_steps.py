@@ -25,12 +25,12 @@ from worker import tasks
 
 
 def create(settings, ensemble: dict, *, config: dict | None = None, test: bool = True,
-           tenant_id: str | None = None) -> str:
+           tenant_id: str | None = None, hyperparameters: dict | None = None) -> str:
     tenant_id = tenant_id or tenant_of(settings, make_job(settings))
     train = add_file(settings, tenant_id, sentiment_rows(48))
     valid = add_file(settings, tenant_id, sentiment_rows(16, seed=1), name="valid.csv")
     payload = {"model": "tiny-bert", "training_file": train, "validation_file": valid, "seed": 5,
-               "hyperparameters": {"n_epochs": 1, "batch_size": 8},
+               "hyperparameters": hyperparameters or {"n_epochs": 1, "batch_size": 8},
                "config": {"max_length": 16, "device": "cpu", "ensemble": ensemble, **(config or {})}}
     if test:
         payload["test_file"] = add_file(settings, tenant_id, sentiment_rows(16, seed=2), name="test.csv")
@@ -103,6 +103,7 @@ def test_from_search_needs_a_search(settings):
     assert e.value.param == "config.ensemble.from_search"
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # real training: one database is enough
 def test_bagging_trains_its_members_then_combines_them_into_one_folder(settings):
     parent = create(settings, {"method": "bagging", "members": 2, "parallel": 2})
     assert advance(settings, parent) == "started 2"
@@ -143,6 +144,7 @@ def make_ensemble_base(settings, ensemble: Job) -> None:
         resolve_model(session, settings, tenant_id=ensemble.tenant_id, name=ensemble.fine_tuned_model)
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # real training: one database is enough
 def test_from_search_combines_the_search_trials_by_selection_without_training(settings):
     from tests.worker.test_search_steps import create_search
 
@@ -170,3 +172,39 @@ def test_from_search_combines_the_search_trials_by_selection_without_training(se
     weights = [m["weight"] for m in description["members"]]
     assert all(w == int(w) and w >= 0 for w in weights) and sum(weights) >= 1  # picks, with replacement
     assert job.metrics["best"]["accuracy"] >= max(m["validation"]["accuracy"] for m in job.metrics["members"])
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # real training: one database is enough
+def test_boosting_trains_members_one_after_another_on_reweighted_rows_and_votes_by_samme(settings):
+    from core.ensemble import samme_step
+    from core.predict import predict
+
+    parent = create(settings, {"method": "boosting", "members": 2}, test=False,  # members that learn something
+                    hyperparameters={"n_epochs": 8, "batch_size": 8, "learning_rate_multiplier": 30})
+    assert advance(settings, parent) == "started 1"  # one at a time: each learns from the ones before
+    first = children(settings, parent)[0]
+    train(settings, first)
+    assert advance(settings, parent) == "started 1"
+    second = children(settings, parent)[1]
+    train(settings, second)
+    boosted = [m for m in messages(settings, second.id) if m.startswith("Boosting: rows weighted by the 1 member")]
+    assert boosted and not any(m.startswith("Boosting") for m in messages(settings, first.id))
+    assert advance(settings, parent) == "combine"
+    assert tasks.run_job(parent, settings=settings) == JobStatus.SUCCEEDED, (get_job(settings, parent).error, boosted,
+                                                                            get_job(settings, first.id).metrics)
+
+    # The vote weights are SAMME's alphas, computed by hand from each member's predictions on the training rows.
+    rows = sentiment_rows(48)
+    texts, labels = [r["text"] for r in rows], [str(r["label"]) for r in rows]
+    with session_scope(settings.sqlalchemy_url) as session:
+        folders = [Path(session.get(Model, get_job(settings, c.id).fine_tuned_model).path) for c in (first, second)]
+        folder = Path(session.get(Model, get_job(settings, parent).fine_tuned_model).path)
+    weights, alphas = np.ones(len(rows)), []
+    for member in folders:
+        correct = np.array([p[0]["label"] == y for p, y in zip(predict(member, texts), labels)])
+        step = samme_step(weights, correct, 2)
+        alphas.append(step.alpha)
+        weights = step.weights if step.alpha > 0 else weights
+    description = json.loads((folder / "ensemble.json").read_text())
+    assert description["vote"] == "hard"
+    assert [m["weight"] for m in description["members"]] == pytest.approx([max(a, 0) for a in alphas], rel=1e-6)
