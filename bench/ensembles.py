@@ -32,13 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from service_vs_trainer import Service, minilm_and_subset  # noqa: E402 - the same `lathe serve` harness
 
-ENSEMBLES = {
-    "bagging": {"method": "bagging", "members": 3, "parallel": 1},
-    "stacking": {"method": "stacking", "folds": 3, "parallel": 1,
-                 "members": [{}, {"hyperparameters.learning_rate_multiplier": 2.0}]},
-    "soup": {"method": "soup", "parallel": 1,
-             "members": [{"hyperparameters.learning_rate_multiplier": m} for m in (0.5, 1.0, 2.0)]},
-}
+from tests.e2e.test_slow_ensembles_minilm import ENSEMBLES  # noqa: E402 - the slow test's ensembles
 
 
 def main() -> None:

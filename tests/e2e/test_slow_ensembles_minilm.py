@@ -10,16 +10,14 @@ Slow tier: `make test-slow` (about 40 minutes on 2 CPU cores); the fast suite de
 
 from __future__ import annotations
 
-import random
-
-import pandas as pd
 import pytest
 
 from lathe.db.tables import JobStatus
-from tests.e2e.test_slow_search_minilm import DATA, minilm_stack  # noqa: F401 - a fixture
+from tests.e2e.test_slow_search_minilm import minilm_stack, upload_emotion  # noqa: F401 - a fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(4800)]
 
+# What the slow test and bench/ensembles.py run (the bench imports it from here).
 ENSEMBLES = {
     "bagging": {"method": "bagging", "members": 3, "parallel": 1},
     "stacking": {"method": "stacking", "folds": 3, "parallel": 1,
@@ -33,16 +31,7 @@ def test_each_ensemble_tests_at_least_as_well_as_its_best_member(minilm_stack, t
     stack = minilm_stack
     api = stack.api()
     stack.worker("w", lease_seconds=60)
-    rows = pd.read_csv(DATA / "train.csv")
-    train = tmp_path / "train.csv"
-    rows.iloc[random.Random(7).sample(range(len(rows)), 800)].to_csv(train, index=False)
-    files = {}
-    for param, path in (("training_file", train), ("validation_file", DATA / "validation.csv"),
-                        ("test_file", DATA / "test.csv")):
-        with open(path, "rb") as f:
-            r = api.post("/files", files={"file": (path.name, f)}, data={"purpose": "fine-tune"})
-        assert r.status_code == 200, r.text
-        files[param] = r.json()["id"]
+    files = upload_emotion(api, tmp_path, rows=800, seed=7)
     jobs = {}
     for name, ensemble in ENSEMBLES.items():
         body = {"model": "all-MiniLM-L6-v2", **files, "seed": 7, "task": "text-classification",

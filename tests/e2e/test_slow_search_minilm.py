@@ -39,13 +39,12 @@ def minilm_stack(tmp_path) -> Stack:
         stack.close()
 
 
-def test_an_8_trial_search_beats_a_default_job_on_test_macro_f1(minilm_stack, tmp_path):
-    stack = minilm_stack
-    api = stack.api()
-    stack.worker("w", lease_seconds=30)
-    rows = pd.read_csv(DATA / "train.csv")
+def upload_emotion(api, tmp_path: Path, *, rows: int, seed: int) -> dict[str, str]:
+    """A seeded `rows`-row subset of tweet_eval_emotion's training split, its whole validation and
+    test splits, uploaded: request field -> file id."""
+    frame = pd.read_csv(DATA / "train.csv")
     train = tmp_path / "train.csv"
-    rows.iloc[random.Random(0).sample(range(len(rows)), TRAIN_ROWS)].to_csv(train, index=False)
+    frame.iloc[random.Random(seed).sample(range(len(frame)), rows)].to_csv(train, index=False)
     files = {}
     for param, path in (("training_file", train), ("validation_file", DATA / "validation.csv"),
                         ("test_file", DATA / "test.csv")):
@@ -53,6 +52,14 @@ def test_an_8_trial_search_beats_a_default_job_on_test_macro_f1(minilm_stack, tm
             r = api.post("/files", files={"file": (path.name, f)}, data={"purpose": "fine-tune"})
         assert r.status_code == 200, r.text
         files[param] = r.json()["id"]
+    return files
+
+
+def test_an_8_trial_search_beats_a_default_job_on_test_macro_f1(minilm_stack, tmp_path):
+    stack = minilm_stack
+    api = stack.api()
+    stack.worker("w", lease_seconds=30)
+    files = upload_emotion(api, tmp_path, rows=TRAIN_ROWS, seed=0)
     common = {"model": "all-MiniLM-L6-v2", **files, "seed": 7, "task": "text-classification"}
     config = {"max_length": 64, "label_column": "label_text"}
 
