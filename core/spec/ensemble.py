@@ -82,8 +82,8 @@ class EnsembleConfig(Strict):
                                                               "probabilities, hard counts their labels (regression: "
                                                               "always the mean).")
     subsample: Annotated[float, Field(gt=0, le=1)] | None = Field(
-        None, description="bagging: each member trains on this share of the rows drawn without replacement; "
-                          "null: a bootstrap resample.")
+        None, description="bagging: each member trains on this share of the rows drawn without replacement (1: "
+                          "every row, members differing by seed only); null: a bootstrap resample.")
     folds: int = Field(3, ge=2, le=10, description="stacking: folds per member (each member is trained this many times).")
     meta_learner: MetaLearnerConfig = Field(default_factory=MetaLearnerConfig, description="stacking: logistic "
                                             "regression (one per label when multi-label), ridge for regression.")
