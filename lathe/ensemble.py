@@ -229,7 +229,8 @@ class Ensemble:
                 queued_at=now()):
             return ""
         self.state["phase"] = "combine"
-        add_event(self.session, job_id=self.parent.id, message=f"Combining {len(members_of(self.session, self.parent))} "
+        count = len(self.state.get("from_search") or self.children)  # no query of every member's model for a count
+        add_event(self.session, job_id=self.parent.id, message=f"Combining {count} "
                                                                f"models by {self.cfg.resolved_method}")
         return "combine"
 
