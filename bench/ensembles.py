@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ensembles.py                          # bagging, stacking and soup
     .venv/bin/python bench/ensembles.py --methods soup --rows 400
+    .venv/bin/python bench/ensembles.py --methods bagging --epochs auto
 
 `lathe serve` on a free port with a data folder of its own; all-MiniLM-L6-v2 (from its wheel)
 uploaded as a purpose=model tar; a seeded --rows subset of tweet_eval_emotion's training split, its
@@ -40,7 +41,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "tweet_eval_emotion")
     ap.add_argument("--rows", type=int, default=800, help="training rows (a seeded subset)")
     ap.add_argument("--methods", nargs="+", default=list(ENSEMBLES), choices=list(ENSEMBLES))
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=lambda v: v if v == "auto" else int(v), default=3,
+                    help='epochs per member, or "auto" (the default job\'s rule: at least about 300 optimizer steps)')
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--max-length", type=int, default=64)
     args = ap.parse_args()
