@@ -130,7 +130,8 @@ class FineTuningJob(BaseModel):
     estimated_finish: int | None = Field(description="Unix seconds when a running job is expected to finish, when known.")
     integrations: list[Any] = Field([], description="Always empty.")
     metadata: dict[str, str] | None = Field(description="The request's metadata.")
-    method: dict[str, Any] = Field(description="OpenAI's method object: {type: supervised, supervised: {hyperparameters}}.")
+    method: dict[str, Any] = Field(description="OpenAI's method object: {type: supervised|dpo, <type>: {hyperparameters}} "
+                                               "(a DPO job's hyperparameters with beta).")
     user_provided_suffix: str | None = Field(description="The request's suffix.")
     task: str | None = Field(description="What is trained (inferred from the data when not given).")
     test_file: str | None = Field(description="Lathe: held-out file evaluated once at the end.")
@@ -149,14 +150,14 @@ class FineTuningJob(BaseModel):
 
 def job_object(job: Job) -> FineTuningJob:
     spec = job.job_spec()
-    hp = job.hyperparameters or spec.hyperparameters.model_dump(mode="json")
+    hp = job.hyperparameters or spec.hyperparameters.model_dump(mode="json", exclude={"beta"} if spec.method != "dpo" else None)
     return FineTuningJob(
         id=job.id, model=job.model, created_at=job.created_at, finished_at=job.finished_at,
         fine_tuned_model=job.fine_tuned_model, organization_id=job.tenant_id,
         result_files=list(job.result_files or []), status=job.status, validation_file=job.validation_file,
         training_file=job.training_file, hyperparameters=hp, trained_tokens=job.trained_tokens,
         error=JobError(**job.error) if job.error else None, seed=job.seed, estimated_finish=job.estimated_finish,
-        metadata=job.job_metadata, method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        metadata=job.job_metadata, method={"type": spec.method, spec.method: {"hyperparameters": hp}},
         user_provided_suffix=spec.suffix, task=job.task or spec.task, test_file=job.test_file,
         config=spec.config.model_dump(mode="json"), attempt=job.attempt, metrics=job.metrics,
         parent_job=job.parent_job, search=search_object(job.search) if job.search else None,

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from core.architectures import ModelFacts, model_facts  # noqa: F401 - model_facts is part of this API
 from core.errors import InapplicableFieldError
-from core.spec import (AUTO, CAUSAL_LM_METRICS, LABEL_METRICS, MULTI_LABEL_METRICS, REGRESSION_METRICS, TOKEN_METRICS,
+from core.method_rules import method_rules
+from core.spec import (AUTO, CAUSAL_LM_METRICS, DPO_METRICS, LABEL_METRICS, MULTI_LABEL_METRICS, REGRESSION_METRICS, TOKEN_METRICS,
                        JobSpec, ProblemType, Task)
 
 if TYPE_CHECKING:
@@ -154,8 +155,8 @@ def inapplicable_fields(
     """Every refusal `check_applicable` would raise, in the order of the fields (one per field; a
     field under a refused one is left out)."""
     job = _Job(spec, task if task is not None else spec.task, data, model)
-    for rules in (_task_rules, _option_rules, _freeze_rules, _validation_rules, _metric_rules, _data_rules,
-                  _model_rules, _ensemble_rules):
+    for rules in (method_rules, _task_rules, _option_rules, _freeze_rules, _validation_rules, _metric_rules,
+                  _data_rules, _model_rules, _ensemble_rules):
         rules(job)
     order = list(job.set)
     kept: dict[str, Refusal] = {}
@@ -317,7 +318,7 @@ def _validation_rules(job: _Job) -> None:
 
 
 def _metric_rules(job: _Job) -> None:
-    metrics = _task_metrics(job.task, job.problem_type)
+    metrics = DPO_METRICS if job.spec.method == "dpo" else _task_metrics(job.task, job.problem_type)
     if metrics is None:
         return  # any task's metric (core.spec checked the name)
     stopping = job.cfg.early_stopping
@@ -327,7 +328,8 @@ def _metric_rules(job: _Job) -> None:
                        ("config.search.objective.metric", objective)):
         if name is not None and name not in metrics:
             kind = f"{job.problem_type.value} " if job.task == TEXT and job.problem_type else ""
-            job.refuse(path, f"{name!r} is not a metric of this {kind}{job.task} job; choose one of "
+            what = "DPO" if job.spec.method == "dpo" else f"{kind}{job.task}"
+            job.refuse(path, f"{name!r} is not a metric of this {what} job; choose one of "
                              f"{', '.join(metrics)}.")
 
 

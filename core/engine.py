@@ -266,6 +266,9 @@ def build_job(spec: JobSpec, paths: RunPaths, sink: MetricsSink, cache: InputCac
         start_from_checkpoint(Path(paths.init_from), model, task=task, labels=data.labels)
         sink.event(f"Starting from the weights of checkpoint {Path(paths.init_from).name}.")
     model.to(device)
+    if note := adapter.on_model_ready(model, data, device=device, precision=precision,
+                                      batch_size=adapter.eval_batch_size(spec.batch_size(len(data.train)))):
+        sink.event(note)
     timings["model_ready"] = time.time()
     if cache is not None and (len(cache.hits), len(cache.misses)) != seen:
         hits, misses = cache.hits[seen[0]:], cache.misses[seen[1]:]

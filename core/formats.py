@@ -61,19 +61,24 @@ def check_file(path: Path, fmt: str, *, param: str = "file") -> dict[str, Any]:
 
     Raises:
         DataError: invalid UTF-8, a CSV without header or with a ragged record, a JSONL line that is
-            not a JSON object, an unreadable parquet file, or no rows at all. Messages name the line.
+            not a JSON object, an unreadable parquet file, no rows at all, or a malformed preference
+            row (core.datasets.preference). Messages name the line.
             A zip: anything unsafe or unreadable, naming the member (see core.datasets.images).
     """
     if fmt == "zip":
         from core.datasets import images  # Pillow is only imported for image uploads
 
         return images.check_zip(path, param=param)
+    from core.datasets import preference  # not at the top: core.datasets imports this module
+
     rows = 0
     columns: dict[str, None] = {}
-    for _, record in records(path, fmt, param=param):
+    for where, record in located_records(path, fmt, param=param):
         rows += 1
         for key in record:
             columns.setdefault(key, None)
+        if preference.is_preference(record):  # OpenAI's DPO rows are checked in full at upload, as OpenAI does
+            preference.pair(record, where=where, param=param)
     if fmt in ("csv", "parquet"):
         columns = dict.fromkeys(header(path, fmt, param=param))
     if rows == 0:

@@ -34,17 +34,30 @@ FILE_PARAMS = ("training_file", "validation_file", "test_file")
 CREATED = "Created fine-tuning job"
 
 
-class SupervisedMethod(BaseModel):
+class MethodOptions(BaseModel):
+    """OpenAI's `method.supervised` / `method.dpo`: the hyperparameters (beta for DPO only)."""
+
     model_config = ConfigDict(extra="forbid")
     hyperparameters: Hyperparameters | None = None
 
 
 class Method(BaseModel):
-    """OpenAI's `method`; Lathe trains `supervised` only."""
+    """OpenAI's `method`: supervised, or dpo (causal LMs); reinforcement is refused."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"] = Field(description="Only \"supervised\" is supported.")
-    supervised: SupervisedMethod | None = None
+    type: Literal["supervised", "dpo", "reinforcement"] = Field(
+        description="supervised, or dpo (preference pairs, causal-lm); reinforcement is not supported.")
+    supervised: MethodOptions | None = None
+    dpo: MethodOptions | None = None
+    reinforcement: dict[str, Any] | None = None
+
+    def options(self) -> tuple[MethodOptions | None, str]:
+        """The options given for this type, and their param; another type's options are a 400."""
+        for other in ("supervised", "dpo", "reinforcement"):
+            if other != self.type and getattr(self, other) is not None:
+                raise BadRequest(f"method.{other} was given but method.type is {self.type!r}.",
+                                 param=f"method.{other}")
+        return getattr(self, self.type), f"method.{self.type}"
 
 
 class JobCreate(BaseModel):
@@ -79,13 +92,22 @@ def validated(model: type[BaseModel], data: Any, *, prefix: str = "") -> Any:
 
 
 def _hyperparameters(body: JobCreate) -> tuple[Hyperparameters | None, str]:
-    """The hyperparameters the request set, and the param name they came under."""
-    from_method = body.method.supervised.hyperparameters if body.method and body.method.supervised else None
+    """The hyperparameters the request set, and the param name they came under.
+
+    Raises:
+        BadRequest: code unsupported_method for method.type reinforcement; hyperparameters given
+            both at the top level and in the method.
+    """
+    if body.method is not None and body.method.type == "reinforcement":
+        raise BadRequest("method.type 'reinforcement' is not supported; use 'supervised' or 'dpo'.",
+                         param="method.type", code="unsupported_method")
+    options, param = body.method.options() if body.method else (None, "")
+    from_method = options.hyperparameters if options else None
     if body.hyperparameters and from_method and body.hyperparameters != from_method:
-        raise BadRequest("Give hyperparameters either at the top level or in method.supervised, not both.",
+        raise BadRequest(f"Give hyperparameters either at the top level or in {param}, not both.",
                          param="hyperparameters")
     if from_method is not None:
-        return from_method, "method.supervised.hyperparameters"
+        return from_method, f"{param}.hyperparameters"
     return body.hyperparameters, "hyperparameters"
 
 
@@ -95,6 +117,7 @@ def build_spec(body: JobCreate, *, seed: int) -> JobSpec:
     hyperparameters, _ = _hyperparameters(body)
     fields: dict[str, Any] = {"model": body.model, "training_file": body.training_file, "seed": seed}
     optional = {"task": body.task, "validation_file": body.validation_file, "test_file": body.test_file,
+                "method": "dpo" if body.method and body.method.type == "dpo" else None,
                 "suffix": body.suffix, "hyperparameters": hyperparameters, "config": body.config}
     fields.update({k: v for k, v in optional.items() if v is not None})
     return validated(JobSpec, fields)

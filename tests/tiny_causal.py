@@ -174,3 +174,24 @@ def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     return path
+
+
+def preference_rows(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
+    """OpenAI DPO rows on `chat_rows`' rule: the preferred answer names the color's fruit, the
+    non-preferred one another fruit. Some prompts carry a system message or an earlier exchange."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = rng.randrange(len(COLORS))
+        wrong = (k + 1 + rng.randrange(len(FRUITS) - 1)) % len(FRUITS)
+        messages = [{"role": "system", "content": "You answer with one fruit."}] if i % 3 == 0 else []
+        if i % 4 == 1:
+            j = rng.randrange(len(COLORS))
+            messages += [{"role": "user", "content": f"what goes with {COLORS[j]}?"},
+                         {"role": "assistant", "content": f"{FRUITS[j]} goes with {COLORS[j]}."}]
+        messages.append({"role": "user", "content": f"what goes with {COLORS[k]}?"})
+        rows.append({"input": {"messages": messages, "tools": [], "parallel_tool_calls": True},
+                     "preferred_output": [{"role": "assistant", "content": f"{FRUITS[k]} goes with {COLORS[k]}."}],
+                     "non_preferred_output": [{"role": "assistant",
+                                               "content": f"{FRUITS[wrong]} goes with {COLORS[k]}."}]})
+    return rows

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 
 from core.applicability import DataFacts, check_applicable, model_facts
-from core.datasets import FILE_PARAMS, DatasetSummary, inspect_files
+from core.datasets import FILE_PARAMS, DatasetSummary, chat, inspect_files
 from core.errors import DataError, EngineError, ModelError
 from core.spec import JobSpec, Task
 from lathe.db.queries import add_event
@@ -76,6 +76,8 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
         facts = model_facts(Path(source.base)) if source.kind != "hub" else None
         check = partial(check_applicable, task=task, data=DataFacts.from_summaries(infos), model=facts)
         check(spec)
+        if task == Task.CAUSAL_LM:  # preference rows for a DPO job, and only for one
+            chat.check_method(spec.method, infos)
         if spec.config.search:  # every trial its space can make, judged as this job now is
             metric, _ = objective_of(spec)
             check_space(spec_data, space_of(spec.config.search, task), objective=metric, check=engine_check(check))

@@ -13,6 +13,8 @@ def adapter_for(task: Task, spec: JobSpec, *, cache: InputCache | None = None) -
         from core.adapters.text_classification import TextClassification as adapter
     elif task == Task.TOKEN_CLASSIFICATION:
         from core.adapters.token_classification import TokenClassification as adapter
+    elif task == Task.CAUSAL_LM and spec.method == "dpo":
+        from core.adapters.preference import DirectPreference as adapter
     elif task == Task.CAUSAL_LM:
         from core.adapters.causal_lm import CausalLM as adapter
     elif task == Task.IMAGE_CLASSIFICATION:

@@ -171,6 +171,13 @@ class TaskAdapter:
         """
         raise NotImplementedError
 
+    def on_model_ready(self, model: torch.nn.Module, data: TaskData, *, device: torch.device,
+                       precision: Precision, batch_size: int) -> str | None:
+        """Called once the model is prepared and on the device, before any step (and before a
+        checkpoint is resumed): what the task computes once from the untrained model. Returns a
+        line for the job's events, or None. Nothing by default."""
+        return None
+
     def collate(
         self,
         split: Split,

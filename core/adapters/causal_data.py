@@ -102,6 +102,7 @@ class Encoded:
     input_ids: list[list[int]]
     labels: list[list[int]]
     dropped: int  # rows with no target token left after truncation
+    kept: list[int]  # the row number of each example kept, in the rows given
 
 
 def encode(tokenizer, conversations: list[chat.Conversation], *, max_length: int, truncation_side: str,
@@ -131,8 +132,8 @@ def encode(tokenizer, conversations: list[chat.Conversation], *, max_length: int
                               return_offsets_mapping=True)
             for i, ids, offsets in zip(group, batch["input_ids"], batch["offset_mapping"]):
                 tokens[i] = (list(ids), offsets)
-    encoded = Encoded([], [], 0)
-    for r, (ids, offsets) in zip(rendered, tokens):
+    encoded = Encoded([], [], 0, [])
+    for row, (r, (ids, offsets)) in enumerate(zip(rendered, tokens)):
         labels = _labels(ids, offsets, r.spans, train_on_inputs=train_on_inputs)
         if r.eos and tokenizer.eos_token_id is not None:
             if not ids or ids[-1] != tokenizer.eos_token_id:  # some tokenizers add it themselves
@@ -148,6 +149,7 @@ def encode(tokenizer, conversations: list[chat.Conversation], *, max_length: int
             continue
         encoded.input_ids.append(ids)
         encoded.labels.append(labels)
+        encoded.kept.append(row)
     return encoded
 
 

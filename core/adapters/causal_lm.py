@@ -63,16 +63,10 @@ class CausalLM(TaskAdapter):
         cfg = self.config
         self.pad_token_id = processor.pad_token_id if processor.pad_token_id is not None else 0
 
+        chat.check_method("supervised", {param: file.summary for param, file in parsed.items()})
+
         def encode_split(param: str, conversations: list[chat.Conversation]) -> Split:
-            options = {"max_length": cfg.max_length, "truncation_side": cfg.truncation_side,
-                       "train_on_inputs": cfg.train_on_inputs}
-            key = {"tokenizer": processor_fingerprint(processor), **options,
-                   "rows": digest(json.dumps([c.shape, c.text, [dataclasses.astuple(m) for m in c.messages]])
-                                  for c in conversations)}
-            encoded = self.cached(
-                "tokenized conversations", key, lambda: encode(processor, conversations, **options, param=param),
-                dump=lambda e: {"input_ids": Ragged(e.input_ids), "labels": Ragged(e.labels), "dropped": e.dropped},
-                restore=lambda parts: Encoded(parts["input_ids"], parts["labels"], parts["dropped"]))
+            encoded = self.encoded(processor, conversations, param=param)
             if not encoded.input_ids:
                 raise DataError(
                     f"No row of the {param.replace('_', ' ')} has a target token left within config.max_length="
@@ -92,6 +86,21 @@ class CausalLM(TaskAdapter):
             return Split({"input_ids": encoded.input_ids}, encoded.labels, [len(ids) for ids in encoded.input_ids])
 
         return TaskData.of(parsed, encode_split, labels=None)
+
+    def encoded(self, processor: Any, conversations: list[chat.Conversation], *, param: str) -> Encoded:
+        """`causal_data.encode` of the rows with this job's options, through the input cache."""
+        cfg = self.config
+        options = {"max_length": cfg.max_length, "truncation_side": cfg.truncation_side,
+                   "train_on_inputs": cfg.train_on_inputs}
+        key = {"tokenizer": processor_fingerprint(processor), **options, "layout": 2,  # 2: with "kept"
+               "rows": digest(json.dumps([c.shape, c.text, [dataclasses.astuple(m) for m in c.messages]])
+                              for c in conversations)}
+        return self.cached(
+            "tokenized conversations", key, lambda: encode(processor, conversations, **options, param=param),
+            dump=lambda e: {"input_ids": Ragged(e.input_ids), "labels": Ragged(e.labels), "dropped": e.dropped,
+                            "kept": np.asarray(e.kept, dtype=np.int64)},
+            restore=lambda parts: Encoded(parts["input_ids"], parts["labels"], parts["dropped"],
+                                          [int(i) for i in parts["kept"]]))
 
     def build_model(self, source: str, data: TaskData, processor: Any) -> torch.nn.Module:
         """The causal LM in fp32, without the generation cache (training never reuses it, and a

@@ -68,8 +68,8 @@ def infer_task(path: Path, config: TrainingConfig, *, param: str = "training_fil
 
     .zip (image folders) or a Parquet file with config.image_column: image-classification;
     rows with config.tokens_column and config.tags_column: token-classification;
-    rows with "messages", "prompt"/"completion", "instruction"/"output", or with the text column
-    alone: causal-lm; anything else: text-classification.
+    rows with "messages", "preferred_output" (DPO), "prompt"/"completion", "instruction"/"output",
+    or with the text column alone: causal-lm; anything else: text-classification.
     """
     from core import formats
 
@@ -84,7 +84,7 @@ def infer_task(path: Path, config: TrainingConfig, *, param: str = "training_fil
         return Task.IMAGE_CLASSIFICATION
     if {config.tokens_column, config.tags_column} <= keys:
         return Task.TOKEN_CLASSIFICATION
-    if "messages" in keys or {"prompt", "completion"} <= keys or {"instruction", "output"} <= keys:
+    if "messages" in keys or "preferred_output" in keys or {"prompt", "completion"} <= keys or {"instruction", "output"} <= keys:
         return Task.CAUSAL_LM
     if keys == {config.text_column}:  # text alone; with other columns a missing label is an error to report
         return Task.CAUSAL_LM

@@ -9,6 +9,8 @@ recognised by its keys (rows of different shapes may be mixed in one file):
     prompt_completion   {"prompt": str, "completion": str}
     alpaca              {"instruction": str, "input": str (optional, may be empty), "output": str}
     text                {config.text_column: str}: plain text, every token learned
+    preference          {"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}
+                        OpenAI's DPO rows (core.datasets.preference), for method.type "dpo" only
 
 Every row is checked, and a DataError names the request field and the line (row for Parquet).
 """
@@ -24,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from core import formats
-from core.datasets import DatasetSummary, ParsedFile
+from core.datasets import DatasetSummary, ParsedFile, preference
 from core.errors import DataError
 from core.spec import Task, TrainingConfig
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = {"role", "content", "weight", "name"}  # "name" is OpenAI's; templates ignore it
-SHAPES = ("messages", "prompt_completion", "alpaca", "text")
+SHAPES = ("messages", "prompt_completion", "alpaca", "text", "preference")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,27 @@ def summarize(conversations: Iterable[Conversation]) -> DatasetSummary:
     )
 
 
+def check_method(method: str, summaries: dict[str, DatasetSummary]) -> None:
+    """Preference rows for a DPO job, and only for one: each file's row shapes against the method.
+
+    Raises:
+        DataError: naming the file (param) and what its rows are.
+    """
+    for param, summary in summaries.items():
+        shapes = summary.details.get("shapes", {})
+        if method == "dpo" and set(shapes) != {"preference"}:
+            other = sorted(set(shapes) - {"preference"})
+            raise DataError(
+                f"A DPO job (method.type dpo) trains on preference rows (input, preferred_output, "
+                f"non_preferred_output); this file has {sum(shapes[s] for s in other)} {' and '.join(other)} row(s).",
+                param=param)
+        if method != "dpo" and "preference" in shapes:
+            raise DataError(
+                f"This file has {shapes['preference']} preference row(s) (preferred_output / non_preferred_output): "
+                "those train with method.type dpo; a supervised job needs chats, prompt/completion, Alpaca or text rows.",
+                param=param)
+
+
 def check_split(train: DatasetSummary, other: DatasetSummary, *, param: str) -> None:
     """Nothing to compare: a causal LM has no label set, and every row shape trains the same model.
 
@@ -133,7 +156,9 @@ def _conversations(path: Path, *, param: str, config: TrainingConfig) -> Iterato
 
 
 def _conversation(record: dict[str, Any], *, where: str, param: str, config: TrainingConfig) -> Conversation:
-    """The row's shape from its keys, then its fields checked."""
+    """The row's shape from its keys, then its fields checked (a preference row is a PreferencePair)."""
+    if preference.is_preference(record):
+        return preference.pair(record, where=where, param=param)  # type: ignore[return-value]
     if "messages" in record:
         messages = _messages(record["messages"], where=where, param=param)
         return Conversation(where=where, shape="messages", messages=messages)
@@ -161,15 +186,21 @@ def _exchange(prompt: str, completion: str) -> tuple[Message, ...]:
     return (Message("user", prompt), Message("assistant", completion))
 
 
-def _messages(value: Any, *, where: str, param: str) -> tuple[Message, ...]:
+def message_list(value: Any, *, key: str, where: str, param: str) -> tuple[Message, ...]:
+    """A non-empty list of checked messages (a CSV cell holds it as JSON), `key` naming it in errors."""
     if isinstance(value, str):  # a CSV cell holds the list as JSON
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: \"messages\" is not valid JSON ({e.msg}).", param=param) from None
+            raise DataError(f"{where}: \"{key}\" is not valid JSON ({e.msg}).", param=param) from None
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: \"messages\" must be a non-empty list of messages.", param=param)
-    messages = tuple(_message(item, where=f"{where}, message {i + 1}", param=param) for i, item in enumerate(value))
+        raise DataError(f"{where}: \"{key}\" must be a non-empty list of messages.", param=param)
+    label = "message" if key == "messages" else f"{key} message"
+    return tuple(_message(item, where=f"{where}, {label} {i + 1}", param=param) for i, item in enumerate(value))
+
+
+def _messages(value: Any, *, where: str, param: str) -> tuple[Message, ...]:
+    messages = message_list(value, key="messages", where=where, param=param)
     if not any(m.role == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message; there is nothing to learn from this conversation.", param=param)
     if messages[-1].role != "assistant":

@@ -24,6 +24,7 @@ from core.spec.base import (
     ALL_METRICS,
     AUTO,
     CAUSAL_LM_METRICS,
+    DPO_METRICS,
     LABEL_METRICS,
     MULTI_LABEL_METRICS,
     REGRESSION_METRICS,
@@ -36,6 +37,7 @@ from core.spec.base import (
 )
 from core.spec.toolbox import (
     AugmentationConfig,
+    DpoConfig,
     DropoutConfig,
     EarlyStoppingConfig,
     FreezeConfig,
@@ -51,10 +53,10 @@ from core.spec.toolbox import (
 )
 
 __all__ = [
-    "ALL_METRICS", "AUTO", "BASE_LEARNING_RATE", "CAUSAL_LM_METRICS", "LABEL_METRICS", "MULTI_LABEL_METRICS",
+    "ALL_METRICS", "AUTO", "BASE_LEARNING_RATE", "CAUSAL_LM_METRICS", "DPO_METRICS", "LABEL_METRICS", "MULTI_LABEL_METRICS",
     "REGRESSION_METRICS", "SPEC_VERSION", "TOKEN_METRICS", "AugmentationConfig", "DropoutConfig",
     "EarlyStoppingConfig", "FreezeConfig", "GradualUnfreezingConfig", "HeadConfig", "Hyperparameters",
-    "ImageAugmentationConfig", "JobSpec", "LoraConfig", "LossConfig", "OptimizerConfig", "ProblemType",
+    "DpoConfig", "ImageAugmentationConfig", "JobSpec", "LoraConfig", "LossConfig", "OptimizerConfig", "ProblemType",
     "SchedulerConfig", "Task", "TextAugmentationConfig", "TrainingConfig", "known_metric",
 ]
 
@@ -73,7 +75,11 @@ class Hyperparameters(Strict):
         AUTO, description="Multiplies the task's base learning rate (see config.optimizer.learning_rate): "
                           "encoders 1e-4 for ~23M parameters, falling with the square root of the size (5e-5 "
                           "at 110M; never below 2e-5), with LoRA 2e-3; causal LMs 2e-5, with LoRA 1e-4; "
-                          "images 1e-3. auto: 1."
+                          "images 1e-3; DPO (method.type dpo) 1e-6, with LoRA 5e-5. auto: 1."
+    )
+    beta: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] = Field(
+        AUTO, description="DPO only (method.type dpo): how far the model may move from the reference (the base "
+                          "model); smaller moves further. auto: 0.1."
     )
 
 
@@ -82,6 +88,9 @@ class JobSpec(Strict):
 
     version: Literal[1] = SPEC_VERSION
     task: Task | None = Field(None, description="What is trained; inferred from the data when absent.")
+    method: Literal["supervised", "dpo"] = Field(
+        "supervised", description="OpenAI's method.type: supervised (learn the answers), or dpo (direct preference "
+                                  "optimization on preferred / non-preferred answers; causal-lm only).")
     model: str = Field(..., min_length=1, max_length=512, description="The base model as the user named it.")
     training_file: str
     validation_file: str | None = None
@@ -112,6 +121,8 @@ class JobSpec(Strict):
         """The learning rate a multiplier of 1 means for this task, LoRA and (encoders trained in
         full) model size: `n_params`, the model's parameter count, when known."""
         task = task or self.task or Task.TEXT_CLASSIFICATION
+        if self.method == "dpo":  # TRL's DPOConfig default is 1e-6; LoRA's low-rank updates need more
+            return 5e-5 if self.config.lora is not None else 1e-6
         if task == Task.CAUSAL_LM:
             return 1e-4 if self.config.lora is not None else 2e-5
         if task == Task.IMAGE_CLASSIFICATION:
@@ -130,12 +141,18 @@ class JobSpec(Strict):
 
     def resolved_hyperparameters(self, n_train: int, task: Task | None = None,
                                  n_params: int | None = None) -> dict[str, float | int]:
-        """The concrete values "auto" stood for, as reported on the job object."""
-        return {
+        """The concrete values "auto" stood for, as reported on the job object (beta for DPO only)."""
+        values: dict[str, float | int] = {
             "n_epochs": self.n_epochs(n_train),
             "batch_size": self.batch_size(n_train),
             "learning_rate_multiplier": self.learning_rate(task, n_params) / self.base_learning_rate(task, n_params),
         }
+        return values | ({"beta": self.beta} if self.method == "dpo" else {})
+
+    @property
+    def beta(self) -> float:
+        """DPO's beta: hyperparameters.beta, auto 0.1 (TRL's and the DPO paper's usual value)."""
+        return DPO_BETA if self.hyperparameters.beta == AUTO else float(self.hyperparameters.beta)
 
 
 # "auto", fitted on searches of all-MiniLM-L6-v2 on ../shared/data (bench/auto_study.py; the
@@ -157,5 +174,6 @@ def encoder_learning_rate(n_params: int | None) -> float:
     return float(min(1e-4, max(2e-5, 1e-4 * math.sqrt(MINILM_PARAMS / n_params))))
 
 
+DPO_BETA = 0.1
 MINILM_PARAMS = 22_700_000
 BASE_LEARNING_RATE = 5e-5

@@ -38,8 +38,14 @@ MULTI_LABEL_METRICS: dict[str, bool] = {
 REGRESSION_METRICS: dict[str, bool] = {"loss": False, "mse": False, "rmse": False, "mae": False, "r2": True}
 TOKEN_METRICS: dict[str, bool] = {"loss": False, "f1": True, "precision": True, "recall": True, "accuracy": True}
 CAUSAL_LM_METRICS: dict[str, bool] = {"loss": False, "perplexity": False, "token_accuracy": True}
+# A DPO job's (method.type "dpo"), named as TRL's DPOTrainer names them (core.dpo), plus
+# preference_accuracy: how often the model itself gives the preferred answer the higher log-probability.
+DPO_METRICS: dict[str, bool] = {
+    "loss": False, "rewards/chosen": True, "rewards/rejected": False, "rewards/accuracies": True,
+    "rewards/margins": True, "logps/chosen": True, "logps/rejected": False, "preference_accuracy": True,
+}
 ALL_METRICS: dict[str, bool] = (
-    LABEL_METRICS | MULTI_LABEL_METRICS | REGRESSION_METRICS | TOKEN_METRICS | CAUSAL_LM_METRICS
+    LABEL_METRICS | MULTI_LABEL_METRICS | REGRESSION_METRICS | TOKEN_METRICS | CAUSAL_LM_METRICS | DPO_METRICS
 )
 
 class Strict(BaseModel):

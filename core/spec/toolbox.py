@@ -229,6 +229,14 @@ class EarlyStoppingConfig(Strict):
         return value if value is None else known_metric(value)
 
 
+class DpoConfig(Strict):
+    """DPO's objective (method.type dpo), as TRL's DPOTrainer computes it (core.dpo)."""
+
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: the DPO paper's loss, -log sigmoid(beta x margin); ipo: IPO's squared "
+                               "loss (Azar et al. 2023) on log-ratios averaged per completion token, as TRL.")
+
+
 class TrainingConfig(Strict):
     """The training toolbox (Lathe's `config` extension of the job object)."""
 
@@ -317,7 +325,9 @@ class TrainingConfig(Strict):
                             "By task: text/image classification loss, accuracy, f1_macro, f1_micro, f1_weighted, "
                             "precision_macro, recall_macro; multi-label loss, f1_micro, f1_macro, exact_match, "
                             "hamming_loss; regression loss, mse, rmse, mae, r2; token-classification loss, f1, "
-                            "precision, recall, accuracy; causal-lm loss, perplexity, token_accuracy."
+                            "precision, recall, accuracy; causal-lm loss, perplexity, token_accuracy; DPO (method.type dpo) "
+                            "loss, rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, "
+                            "logps/chosen, logps/rejected, preference_accuracy."
     )
     early_stopping: EarlyStoppingConfig | None = Field(
         None, description="Stop when the validation metric stops improving (needs a validation file); with "
@@ -339,6 +349,8 @@ class TrainingConfig(Strict):
         None, description="Make the job an ensemble: its members are jobs listed by "
                           "GET /v1/fine_tuning/jobs?parent_job=; the combined model is the result."
     )
+    dpo: DpoConfig | None = Field(
+        None, description="DPO's objective (method.type dpo only); null: the sigmoid loss.")
     train_rows: TrainRowsConfig | None = Field(
         None, description="Train on a draw of the training file's rows (a bootstrap resample, a subsample, all "
                           "but one fold); null: every row once. Ensembles set it on their members."

@@ -81,6 +81,21 @@ def test_method_supervised(client, acme, train_file):
     assert r.json()["hyperparameters"]["batch_size"] == 4 and r.json()["seed"] == 7
 
 
+def test_a_dpo_job_reports_its_method_as_openai_does(client, acme, train_file):
+    r = create(client, acme, model="HuggingFaceTB/SmolLM2-135M-Instruct", training_file=train_file,
+               method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2}}},
+               config={"dpo": {"loss_type": "ipo"}})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["method"]["type"] == "dpo"
+    assert job["method"]["dpo"]["hyperparameters"] == {"n_epochs": 2, "batch_size": "auto",
+                                                        "learning_rate_multiplier": "auto", "beta": 0.2}
+    assert job["config"]["dpo"] == {"loss_type": "ipo"}
+    err = assert_error(create(client, acme, model="m", training_file=train_file,
+                              method={"type": "reinforcement"}), 400, param="method.type")
+    assert err["code"] == "unsupported_method"
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
     ({"hyperparameters": {"learning_rate_multiplier": "fast"}}, "hyperparameters.learning_rate_multiplier"),
@@ -88,7 +103,13 @@ def test_method_supervised(client, acme, train_file):
     ({"config": {"optimizer": {"learning_rate": 5}}}, "config.optimizer.learning_rate"),
     ({"config": {"max_length": 2}}, "config.max_length"),
     ({"config": {"metric_for_best_model": "bleu"}}, "config.metric_for_best_model"),
-    ({"method": {"type": "dpo", "dpo": {}}}, "method.type"),
+    ({"method": {"type": "reinforcement", "reinforcement": {}}}, "method.type"),
+    ({"method": {"type": "dpo", "supervised": {}}}, "method.supervised"),
+    ({"method": {"type": "dpo"}, "task": "text-classification"}, "method"),
+    ({"method": {"type": "dpo"}, "task": "causal-lm", "config": {"packing": True}}, "config.packing"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.2}}}},
+     "method.supervised.hyperparameters.beta"),
+    ({"config": {"dpo": {"loss_type": "ipo"}}}, "config.dpo"),
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": -1}}}},
      "method.supervised.hyperparameters.batch_size"),
     ({"integrations": [{"type": "wandb"}]}, "integrations"),
