@@ -10,11 +10,13 @@ One batch holds B pairs as 2B rows, the B preferred answers then the B non-prefe
 forward pass (TRL's concatenated forward). The loss is summed over pairs and `units` counts pairs,
 so accumulation is exact.
 
-The reference model is the base model, frozen:
-- with config.lora, the same weights with the adapters disabled (peft's `disable_adapter`), run
-  under no_grad for every batch: no second copy in memory;
-- without LoRA, the reference log-probabilities of every pair of every split are computed once,
-  before the first step, by the untrained model (`on_model_ready`), and kept beside the pairs.
+The reference model is the base model, frozen, and it is never run during training: before the
+first step (`on_model_ready`) the reference log-probabilities of every pair of every split are
+computed once and kept beside the pairs. With config.lora they come from the same weights with the
+adapters disabled (peft's `disable_adapter`), so there is never a second copy of the model in
+memory, whatever the adapters' initialisation; without LoRA, from the model before any step. A
+resumed run computes them again from the base model before loading its checkpoint. Each step then
+costs one forward and one backward pass, as a supervised step does, instead of two forwards.
 
 Dropout is turned off in the model (TRL's default, disable_dropout=True): the policy then equals
 the reference at step 0 and the first loss is exactly log 2. config.dropout can turn it back on.
@@ -22,6 +24,7 @@ the reference at step 0 and the first loss is exactly log 2. config.dropout can 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -88,33 +91,33 @@ class DirectPreference(CausalLM):
 
     def on_model_ready(self, model: torch.nn.Module, data: TaskData, *, device: torch.device,
                        precision: Precision, batch_size: int) -> str | None:
-        """Without LoRA: every pair's reference log-probabilities, from the model before its first
-        step, kept as the features "ref_chosen" / "ref_rejected" of each split."""
-        if self.config.lora is not None:
-            return None
+        """Every pair's reference log-probabilities (see the module docstring), kept as the
+        features "ref_chosen" / "ref_rejected" of each split."""
         started, pairs = time.time(), 0
         was_training = model.training
         model.eval()
-        for split in (data.train, data.validation, data.test):
-            if split is None:
-                continue
-            columns = np.zeros((len(split), 2))
-            with torch.no_grad():
+        base = model.disable_adapter() if self.config.lora is not None else contextlib.nullcontext()
+        with torch.no_grad(), base:
+            for split in (data.train, data.validation, data.test):
+                if split is None:
+                    continue
+                columns = np.zeros((len(split), 2))
                 for start in range(0, len(split), batch_size):
                     indices = list(range(start, min(start + batch_size, len(split))))
                     batch = {k: v.to(device) for k, v in self.collate(split, indices).items()}
                     with precision.autocast(device):
-                        logps, _ = self._logps(model, batch)
+                        logps, _ = self.logps(model, batch)
                     columns[indices] = logps.view(2, -1).T.double().cpu().numpy()
-            split.features["ref_chosen"], split.features["ref_rejected"] = list(columns[:, 0]), list(columns[:, 1])
-            pairs += len(split)
+                split.features["ref_chosen"], split.features["ref_rejected"] = list(columns[:, 0]), list(columns[:, 1])
+                pairs += len(split)
         model.train(was_training)
-        return f"Reference log-probabilities of {pairs} pairs computed by the base model in {time.time() - started:.1f} s."
+        return (f"Reference log-probabilities of {pairs} pairs computed by the base model"
+                f"{' (adapters disabled)' if self.config.lora is not None else ''} in {time.time() - started:.1f} s.")
 
     def collate(self, split: Split, indices: list[int], *, rng: np.random.Generator | None = None,
                 pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
         """2B right-padded rows (the B preferred answers, then the B non-preferred): input_ids,
-        attention_mask, labels; "ref" (B x 2) when the reference log-probabilities are kept."""
+        attention_mask, labels; "ref" (B x 2), the pairs' reference log-probabilities, once computed."""
         rows = [split.features[side][i] for side in ("chosen", "rejected") for i in indices]
         labels = [split.targets[i][side] for side in (0, 1) for i in indices]
         longest = max(len(r) for r in rows)
@@ -136,12 +139,8 @@ class DirectPreference(CausalLM):
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         """(DPO loss summed over the batch's pairs, each pair's row for core.dpo.metrics)."""
-        logps, tokens = self._logps(model, batch)
-        if "ref" in batch:
-            reference = batch["ref"].to(logps.dtype).T.reshape(-1)
-        else:
-            with torch.no_grad(), model.disable_adapter():  # the base weights are the reference
-                reference, _ = self._logps(model, batch)
+        logps, tokens = self.logps(model, batch)
+        reference = batch["ref"].to(logps.dtype).T.reshape(-1)
         pairs = torch.stack([*logps.view(2, -1), *reference.detach().view(2, -1), *tokens.view(2, -1)], dim=1)
         loss = dpo.losses(pairs, beta=self.spec.beta, loss_type=self.loss_type).sum()
         return loss, pairs.detach().cpu()
@@ -150,8 +149,9 @@ class DirectPreference(CausalLM):
     def loss_type(self) -> str:
         return self.config.dpo.loss_type if self.config.dpo is not None else "sigmoid"
 
-    def _logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        """(each row's summed answer log-probability, its answer tokens): the B preferred rows, then the B others."""
         return dpo.sequence_logps(logits, batch["labels"])
 
     def compute_metrics(self, predictions: list[Any], targets: list[Any], *, loss: float, report: bool) -> dict[str, Any]:

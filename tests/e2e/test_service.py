@@ -277,3 +277,44 @@ def test_image_and_chat_jobs_with_inferred_tasks(client, service, tmp_path):
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
         assert any(m.startswith(f"Files validated for {task}") for m in messages)
         assert client.models.retrieve(done.fine_tuned_model).model_extra["task"] == task
+
+
+def test_dpo_through_the_sdk_method_argument(client, service, tmp_path):
+    """OpenAI's DPO as its SDK sends it: preference rows checked at upload, `method=` on create, the
+    job reporting its method and beta, the held-out preference accuracy up; a supervised job on the
+    same rows fails in validation saying why."""
+    import openai
+
+    from tests.tiny_causal import preference_rows, save_tiny_llama, write_jsonl
+
+    llama = _upload_folder(client, save_tiny_llama(tmp_path / "llama"), "tiny-llama.tar")
+    ids = {}
+    for name, rows in (("train", preference_rows(64, seed=1)), ("test", preference_rows(32, seed=2))):
+        with open(write_jsonl(tmp_path / f"{name}.jsonl", rows), "rb") as f:
+            ids[name] = client.files.create(file=f, purpose="fine-tune").id
+    bad = [*preference_rows(2), {"input": {"messages": [{"role": "user", "content": "hi"}]},
+                                 "preferred_output": [{"role": "assistant", "content": "a"}]}]
+    with pytest.raises(openai.BadRequestError) as e, open(write_jsonl(tmp_path / "bad.jsonl", bad), "rb") as f:
+        client.files.create(file=f, purpose="fine-tune")
+    assert "line 3" in e.value.message and "non_preferred_output" in e.value.message
+
+    job = client.fine_tuning.jobs.create(
+        model=llama, training_file=ids["train"], seed=5,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 1.0, "n_epochs": 10, "batch_size": 8}}},
+        extra_body={"test_file": ids["test"], "config": {"device": "cpu", "max_length": 64, "lora": {"r": 8},
+                                                         "optimizer": {"learning_rate": 2e-2}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 1.0
+    supervised = client.fine_tuning.jobs.create(model=llama, training_file=ids["train"],
+                                                extra_body={"config": {"device": "cpu"}})
+    done = wait_done(client, service, job.id, timeout=240)
+    assert done.status == "succeeded", (done.error, service[0].dump_logs())
+    assert done.method.dpo.hyperparameters.beta == 1.0 and done.method.dpo.hyperparameters.n_epochs == 10
+    metrics = done.model_extra["metrics"]
+    before, after = metrics["baseline_test"], metrics["test"]
+    assert after["preference_accuracy"] >= before["preference_accuracy"] + 0.2, (before, after)
+    assert after["rewards/margins"] > 0 and after["pairs"] == 32
+    assert client.models.retrieve(done.fine_tuned_model).model_extra["task"] == "causal-lm"
+
+    failed = wait_done(client, service, supervised.id)
+    assert failed.status == "failed" and failed.error.param == "training_file"
+    assert "method.type dpo" in failed.error.message
