@@ -98,6 +98,10 @@ CASES: dict[str, Case] = {
     "hyperparameters": Case({"n_epochs": 2}),
     "hyperparameters.n_epochs": Case(2),
     "hyperparameters.batch_size": Case(4),
+    # DPO's own fields need method dpo, which trains causal LMs only (the other tasks refuse the method).
+    "hyperparameters.beta": Case(0.2, frozenset({CAUSAL}), needs={"method": "dpo"}, refused_as=("method",)),
+    "config.dpo": Case({"loss_type": "ipo"}, frozenset({CAUSAL}), needs={"method": "dpo"}, refused_as=("method",)),
+    "config.dpo.loss_type": Case("ipo", frozenset({CAUSAL}), needs={"method": "dpo"}, refused_as=("method",)),
     "hyperparameters.learning_rate_multiplier": Case(2.0),
     "config": Case({"max_grad_norm": 0.5}),
     # data
@@ -659,3 +663,17 @@ def test_a_search_objective_must_be_a_metric_of_the_task():
     assert refused({"config.search.objective.metric": "perplexity"}, task=TEXT) == ["config.search.objective.metric"]
     assert refused({"config.search.objective.metric": "perplexity"}, task=CAUSAL) == []
     assert refused({"config.search.trials": 3}, validation=False) == ["config.search"]
+
+
+@pytest.mark.parametrize("fields, data, params", [
+    ({"hyperparameters.beta": 0.2}, None, ["hyperparameters.beta"]),  # DPO's fields on a supervised job
+    ({"config.dpo.loss_type": "ipo"}, None, ["config.dpo"]),
+    ({"method": "dpo", "config.packing": True, "config.train_on_inputs": True}, None,
+     ["config.packing", "config.train_on_inputs"]),
+    ({"method": "dpo", "config.metric_for_best_model": "perplexity"}, None, ["config.metric_for_best_model"]),
+    ({"method": "dpo", "config.metric_for_best_model": "rewards/accuracies"}, None, []),
+    ({"method": "dpo"}, DataFacts(row_shapes=frozenset({"messages"})), ["method"]),  # DPO needs preference rows
+    ({"method": "dpo"}, DataFacts(row_shapes=frozenset({"preference"})), []),
+])
+def test_what_a_dpo_job_can_take(fields, data, params):
+    assert refused(fields, task=CAUSAL, data=data) == params

@@ -86,7 +86,7 @@ def test_defaults_and_bounds_are_unchanged():
         "gradient_checkpointing": False, "group_by_length": True, "eval_every_steps": None,
         "evaluations_per_epoch": None, "checkpoint_every_steps": None, "metric_for_best_model": "loss",
         "early_stopping": None, "load_best_model_at_end": True, "device": "auto", "max_runtime_seconds": None,
-        "search": None, "ensemble": None, "train_rows": None,
+        "search": None, "ensemble": None, "dpo": None, "train_rows": None,
     }
     schema = TrainingConfig.model_json_schema()
     assert schema["properties"]["max_length"]["maximum"] == 32768 and schema["properties"]["max_length"]["minimum"] == 8

@@ -280,16 +280,17 @@ def test_image_and_chat_jobs_with_inferred_tasks(client, service, tmp_path):
 
 
 def test_dpo_through_the_sdk_method_argument(client, service, tmp_path):
-    """OpenAI's DPO as its SDK sends it: preference rows checked at upload, `method=` on create, the
-    job reporting its method and beta, the held-out preference accuracy up; a supervised job on the
-    same rows fails in validation saying why."""
+    """OpenAI's DPO as its SDK sends it: preference rows checked at upload, `method=` on create from
+    a supervised job's model, the job reporting its method and beta, the held-out preference accuracy
+    up; a supervised job on the same rows fails in validation saying why."""
     import openai
 
-    from tests.tiny_causal import preference_rows, save_tiny_llama, write_jsonl
+    from tests.tiny_causal import chat_rows, preference_rows, save_tiny_llama, write_jsonl
 
     llama = _upload_folder(client, save_tiny_llama(tmp_path / "llama"), "tiny-llama.tar")
     ids = {}
-    for name, rows in (("train", preference_rows(64, seed=1)), ("test", preference_rows(32, seed=2))):
+    for name, rows in (("train", preference_rows(64, seed=1)), ("valid", preference_rows(16, seed=3)),
+                       ("test", preference_rows(32, seed=2))):
         with open(write_jsonl(tmp_path / f"{name}.jsonl", rows), "rb") as f:
             ids[name] = client.files.create(file=f, purpose="fine-tune").id
     bad = [*preference_rows(2), {"input": {"messages": [{"role": "user", "content": "hi"}]},
@@ -298,11 +299,19 @@ def test_dpo_through_the_sdk_method_argument(client, service, tmp_path):
         client.files.create(file=f, purpose="fine-tune")
     assert "line 3" in e.value.message and "non_preferred_output" in e.value.message
 
+    # SFT then DPO: the DPO job starts from the supervised job's model, named as the user got it.
+    with open(write_jsonl(tmp_path / "chat.jsonl", chat_rows(32)), "rb") as f:
+        chats = client.files.create(file=f, purpose="fine-tune").id
+    sft = wait_done(client, service, client.fine_tuning.jobs.create(
+        model=llama, training_file=chats, hyperparameters={"n_epochs": 1, "batch_size": 8},
+        extra_body={"config": {"device": "cpu", "max_length": 64}}).id)
+    assert sft.status == "succeeded", (sft.error, service[0].dump_logs())
     job = client.fine_tuning.jobs.create(
-        model=llama, training_file=ids["train"], seed=5,
+        model=sft.fine_tuned_model, training_file=ids["train"], validation_file=ids["valid"], seed=5,
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 1.0, "n_epochs": 10, "batch_size": 8}}},
         extra_body={"test_file": ids["test"], "config": {"device": "cpu", "max_length": 64, "lora": {"r": 8},
-                                                         "optimizer": {"learning_rate": 2e-2}}})
+                                                         "optimizer": {"learning_rate": 2e-2},
+                                                         "metric_for_best_model": "rewards/margins"}})
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 1.0
     supervised = client.fine_tuning.jobs.create(model=llama, training_file=ids["train"],
                                                 extra_body={"config": {"device": "cpu"}})
@@ -314,6 +323,9 @@ def test_dpo_through_the_sdk_method_argument(client, service, tmp_path):
     assert after["preference_accuracy"] >= before["preference_accuracy"] + 0.2, (before, after)
     assert after["rewards/margins"] > 0 and after["pairs"] == 32
     assert client.models.retrieve(done.fine_tuned_model).model_extra["task"] == "causal-lm"
+    assert metrics["best"]["rewards/margins"] >= metrics["latest"]["rewards/margins"]  # the best evaluation kept
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert checkpoints and all("rewards/margins" in (c.metrics.model_extra or {}) for c in checkpoints)
 
     failed = wait_done(client, service, supervised.id)
     assert failed.status == "failed" and failed.error.param == "training_file"
