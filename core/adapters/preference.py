@@ -102,8 +102,11 @@ class DirectPreference(CausalLM):
                 if split is None:
                     continue
                 columns = np.zeros((len(split), 2))
+                # In the batches `evaluate` makes (by length): the same padding gives bit for bit the
+                # same log-probabilities, so before any step every reward is exactly 0.
+                order = sorted(range(len(split)), key=lambda i: split.lengths[i])
                 for start in range(0, len(split), batch_size):
-                    indices = list(range(start, min(start + batch_size, len(split))))
+                    indices = order[start:start + batch_size]
                     batch = {k: v.to(device) for k, v in self.collate(split, indices).items()}
                     with precision.autocast(device):
                         logps, _ = self.logps(model, batch)
