@@ -290,7 +290,7 @@ def resume_or_test_baseline(parts: TrainingParts, resume_from: Path | None, sink
     elif test is not None:
         state.baseline_test = evaluate(test)
         sink.metrics(0, state.baseline_test, split="baseline_test")
-        sink.event("Test set before training (base model, fresh head): " + _fmt(state.baseline_test))
+        sink.event("Test set before training (the model before its first step): " + _fmt(state.baseline_test))
 
 
 def save_and_announce(parts: TrainingParts, checkpoints: Path, sink: MetricsSink) -> None:
