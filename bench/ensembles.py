@@ -3,6 +3,7 @@
     .venv/bin/python bench/ensembles.py                          # bagging, stacking and soup
     .venv/bin/python bench/ensembles.py --methods soup --rows 400
     .venv/bin/python bench/ensembles.py --methods bagging --epochs auto
+    .venv/bin/python bench/ensembles.py --methods bagging --epochs auto --bagging-subsample 1
 
 `lathe serve` on a free port with a data folder of its own; all-MiniLM-L6-v2 (from its wheel)
 uploaded as a purpose=model tar; a seeded --rows subset of tweet_eval_emotion's training split, its
@@ -43,6 +44,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(ENSEMBLES), choices=list(ENSEMBLES))
     ap.add_argument("--epochs", type=lambda v: v if v == "auto" else int(v), default=3,
                     help='epochs per member, or "auto" (the default job\'s rule: at least about 300 optimizer steps)')
+    ap.add_argument("--bagging-subsample", type=float, default=None,
+                    help="bagging members on this share of the rows, without replacement (1: every row, members "
+                         "differing by seed only); default: bootstrap resamples")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--max-length", type=int, default=64)
     args = ap.parse_args()
@@ -72,7 +76,7 @@ def run(service: Service, method: str, ids: dict[str, str], args: argparse.Names
                             hyperparameters={"n_epochs": args.epochs},
                             extra_body={"task": "text-classification", "test_file": ids["test_file"], "config": {
                                 "max_length": args.max_length, "label_column": "label_text",
-                                "metric_for_best_model": "f1_macro", "ensemble": ENSEMBLES[method]}})
+                                "metric_for_best_model": "f1_macro", "ensemble": ensemble(method, args)}})
     seconds = time.time() - started
     metrics = (job.model_extra or {}).get("metrics") or {}
     members = [{"member": m["member"], "test": m["test"], "validation": m["validation"]} for m in metrics["members"]]
@@ -81,6 +85,13 @@ def run(service: Service, method: str, ids: dict[str, str], args: argparse.Names
     print(f"  {method}: test macro-F1 {result['test']['f1_macro']:.4f}, best member "
           f"{max(m['test']['f1_macro'] for m in members):.4f}, {seconds:.0f} s", flush=True)
     return result
+
+
+def ensemble(method: str, args: argparse.Namespace) -> dict:
+    """The slow test's ensemble, bagging on a subsample when --bagging-subsample says so."""
+    if method == "bagging" and args.bagging_subsample is not None:
+        return {**ENSEMBLES[method], "subsample": args.bagging_subsample}
+    return ENSEMBLES[method]
 
 
 def report(results: list[dict], args: argparse.Namespace) -> None:
