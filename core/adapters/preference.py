@@ -25,6 +25,7 @@ the reference at step 0 and the first loss is exactly log 2. config.dropout can 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from typing import Any
 
@@ -153,9 +154,26 @@ class DirectPreference(CausalLM):
         return self.config.dpo.loss_type if self.config.dpo is not None else "sigmoid"
 
     def logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        """(each row's summed answer log-probability, its answer tokens): the B preferred rows, then the B others."""
-        return dpo.sequence_logps(logits, batch["labels"])
+        """(each row's summed answer log-probability, its answer tokens): the B preferred rows, then the B others.
+
+        Only the positions from the batch's first scored token on go through the output layer
+        (transformers' `logits_to_keep`, where the model takes it): the prompts' logits, a
+        vocabulary wide each, are never made.
+        """
+        labels = batch["labels"]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        if self._keeps_logits(model):
+            first = int((labels != IGNORE).int().argmax(dim=1).min())  # every row scores at least one token
+            keep = labels.shape[1] - first + 1  # the position before it predicts it
+            inputs["logits_to_keep"] = keep
+            labels = labels[:, labels.shape[1] - keep:]
+        return dpo.sequence_logps(model(**inputs).logits, labels)
+
+    @staticmethod
+    def _keeps_logits(model: torch.nn.Module) -> bool:
+        from core.lora import unwrap_peft
+
+        return "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
 
     def compute_metrics(self, predictions: list[Any], targets: list[Any], *, loss: float, report: bool) -> dict[str, Any]:
         """loss and core.dpo.metrics over every pair; report adds "pairs"."""
