@@ -127,7 +127,11 @@ class FineTuningJob(BaseModel):
     trained_tokens: int | None = Field(description="Tokens trained on (non-padding), once succeeded.")
     error: JobError | None = Field(description="Why the job failed, else null.")
     seed: int = Field(description="The random seed (chosen at random when not given).")
-    estimated_finish: int | None = Field(description="Unix seconds when a running job is expected to finish, when known.")
+    estimated_finish: int | None = Field(
+        description="Unix seconds when a running job is expected to finish: the time of its latest progress "
+                    "report plus the optimizer steps left times the seconds per step measured in this run (its "
+                    "evaluations included), renewed as training reports progress (every 10 steps). Null until the "
+                    "first report and whenever the job is not running.")
     integrations: list[Any] = Field([], description="Always empty.")
     metadata: dict[str, str] | None = Field(description="The request's metadata.")
     method: dict[str, Any] = Field(description="OpenAI's method object: {type: supervised|dpo, <type>: {hyperparameters}} "

@@ -9,6 +9,7 @@ The engine acts on the flags; callbacks never touch the model or optimizer.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -177,9 +178,38 @@ class _Window:
     steps: int = 0
 
 
+def seconds_left(state: TrainState, *, run_start_step: int, run_start_seconds: float,
+                 eval_seconds: float = 0.0) -> float | None:
+    """How long the rest of training should take, at the step rate measured in this run:
+
+        seconds_left = (max_steps - step) * (train_seconds - run_start_seconds + eval_seconds)
+                                           / (step - run_start_step)
+
+    Training time counts the optimizer steps only (TrainState.train_seconds); evaluations enter
+    at their measured cost per step so far, which is 0 until the first one and then spreads each
+    over the steps between evaluations. Checkpoints, the final test evaluation and the export are
+    not counted. A resumed run measures its own rate (the marks are where it started).
+
+    Args:
+        state: where training stands.
+        run_start_step: state.step when this run began (0, or the step resumed from).
+        run_start_seconds: state.train_seconds when this run began.
+        eval_seconds: time this run spent in evaluations.
+
+    Returns:
+        Seconds, or None before this run's first optimizer step.
+    """
+    steps = state.step - run_start_step
+    if steps <= 0:
+        return None
+    per_step = (state.train_seconds - run_start_seconds + eval_seconds) / steps
+    return max(0, state.max_steps - state.step) * per_step
+
+
 class ProgressReporter(Callback):
     """Train loss/lr/grad norm/samples per second every `every_steps`, validation metrics at each
-    evaluation, and a log line for each, to the sink."""
+    evaluation, and a log line for each, to the sink; with each train report, the time left
+    (`seconds_left`) for the job's estimated finish."""
 
     def __init__(self, sink: MetricsSink, *, every_steps: int):
         self.sink = sink
@@ -187,19 +217,33 @@ class ProgressReporter(Callback):
         self.window = _Window()
         self._samples_mark = 0
         self._seconds_mark = 0.0
+        # This run's marks for the estimate (not saved: a resumed run measures its own rate).
+        self._run_start = (0, 0.0)
+        self._eval_seconds = 0.0
+        self._step_done: float | None = None  # perf_counter at the end of this hook for the last step
 
     def on_train_begin(self, state: TrainState, control: Control) -> None:
         self._samples_mark, self._seconds_mark = state.samples_seen, state.train_seconds
+        self._run_start, self._eval_seconds = (state.step, state.train_seconds), 0.0
         verb = "Resuming" if state.step else "Starting"
         self.sink.event(f"{verb} training at step {state.step}/{state.max_steps}.")
 
     def on_step_end(self, state: TrainState, control: Control) -> None:
+        self._report_step(state)
+        # The engine evaluates (when due) between this hook and on_evaluate: time it from here.
+        self._step_done = time.perf_counter()
+
+    def _report_step(self, state: TrainState) -> None:
         w = self.window
         w.loss_sum += state.loss or 0.0
         w.grad_norm_sum += state.grad_norm or 0.0
         w.steps += 1
         if state.step % self.every_steps and state.step != state.max_steps:
             return
+        left = seconds_left(state, run_start_step=self._run_start[0], run_start_seconds=self._run_start[1],
+                            eval_seconds=self._eval_seconds)
+        if left is not None:  # before the metrics: their write carries it to the database
+            self.sink.progress(state.step, seconds_left=left)
         seconds = state.train_seconds - self._seconds_mark
         samples = state.samples_seen - self._samples_mark
         values = {
@@ -219,6 +263,8 @@ class ProgressReporter(Callback):
         self._samples_mark, self._seconds_mark = state.samples_seen, state.train_seconds
 
     def on_evaluate(self, state: TrainState, control: Control, metrics: dict[str, float]) -> None:
+        if self._step_done is not None:
+            self._eval_seconds += time.perf_counter() - self._step_done
         self.sink.metrics(state.step, metrics, split="valid")
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
         self.sink.event(f"Step {state.step}/{state.max_steps}: validation {shown}", data={"step": state.step, **metrics})
@@ -280,6 +326,7 @@ __all__ = [
     "Pruning",
     "StopRequest",
     "TrainState",
+    "seconds_left",
 ]
 
 

@@ -17,6 +17,10 @@ class MetricsSink(Protocol):
     def metrics(self, step: int, values: dict[str, float], *, split: str) -> None:
         """Numbers at an optimizer step; split is "train", "valid", "test" or "baseline_test" (before training)."""
 
+    def progress(self, step: int, *, seconds_left: float) -> None:
+        """After optimizer step `step`: training should end in about `seconds_left` seconds
+        (core.callbacks.seconds_left). The worker keeps the job's estimated finish from it."""
+
     def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         """A complete, resumable checkpoint now lies at `path` (already fsynced and renamed)."""
 
@@ -28,12 +32,16 @@ class ListSink:
         self.events: list[tuple[str, str, dict[str, Any] | None]] = []
         self.rows: list[tuple[int, str, dict[str, float]]] = []
         self.checkpoints: list[tuple[int, Path, dict[str, float]]] = []
+        self.progress_reports: list[tuple[int, float]] = []
 
     def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
         self.events.append((level, message, data))
 
     def metrics(self, step: int, values: dict[str, float], *, split: str) -> None:
         self.rows.append((step, split, dict(values)))
+
+    def progress(self, step: int, *, seconds_left: float) -> None:
+        self.progress_reports.append((step, seconds_left))
 
     def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         self.checkpoints.append((step, path, dict(metrics)))

@@ -122,7 +122,8 @@ def move(
         attempt: when given, the move happens only while the job is still on this attempt (a
             stale supervisor changes nothing).
         fences: further SQL conditions the row must meet (e.g. the sweeper's "lease still lapsed").
-        values: other columns set in the same UPDATE (SQL expressions allowed).
+        values: other columns set in the same UPDATE (SQL expressions allowed); estimated_finish
+            is set to null unless given.
 
     Returns:
         Whether this call made the change.
@@ -136,7 +137,8 @@ def move(
 
 def _write(session: Session, job_id: str, source: JobStatus | Iterable[JobStatus], target: JobStatus, by: Actor,
            fences: Iterable[ColumnElement[bool]], values: dict[str, Any]) -> bool:
-    """The one UPDATE that writes a job's status."""
+    """The one UPDATE that writes a job's status. It clears `estimated_finish`: a running job's
+    estimate is its training process's (worker.sink), and any move ends that run or starts a new one."""
     sources = [JobStatus(source)] if isinstance(source, (str, JobStatus)) else [JobStatus(s) for s in source]
     for s in sources:
         if not allowed(s, target, by):
@@ -146,7 +148,7 @@ def _write(session: Session, job_id: str, source: JobStatus | Iterable[JobStatus
     stmt = (
         update(Job)
         .where(Job.id == job_id, Job.status.in_([str(s) for s in sources]), *fences)
-        .values(status=str(target), **values)
+        .values(status=str(target), **{"estimated_finish": None, **values})
         .execution_options(synchronize_session=False)
     )
     return session.execute(stmt).rowcount == 1

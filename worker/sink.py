@@ -8,6 +8,11 @@ rows were written while the attempt still owned the job). A refused write raises
 the training child of a lost attempt must stop, not keep writing beside its successor.
 
 Train metrics arrive every optimizer step, so they are buffered and written in batches.
+
+The same fencing UPDATE keeps the job's `estimated_finish` (OpenAI's field: unix seconds, null
+unless running): the engine's latest `progress` report (now + its seconds left) rides on the next
+write, and is written only while the job is `running` (a paused or cancelling job's stays null;
+lathe.lifecycle clears it on every status move).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import case, update
 from sqlalchemy.orm import Session
 
 from lathe.db.queries import add_event
@@ -52,6 +57,7 @@ class DbSink:
         self.max_delay = max_delay
         self._pending: list[Metric] = []
         self._pending_since = 0.0
+        self._estimated_finish: int | None = None  # unix seconds, from the latest progress report
 
     # -- MetricsSink ---------------------------------------------------------------------------
 
@@ -75,6 +81,10 @@ class DbSink:
         self.write(lambda s: add_event(s, job_id=self.job_id, attempt=self.attempt, type="metrics",
                                         message=f"Step {step}: {split} {shown}",
                                         data={"step": int(step), "split": split, **values}))
+
+    def progress(self, step: int, *, seconds_left: float) -> None:
+        """Written with the next write (progress comes just before a step's train metrics)."""
+        self._estimated_finish = round(time.time() + seconds_left)
 
     def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         def add(s: Session) -> None:
@@ -101,19 +111,23 @@ class DbSink:
 
     def write(self, add) -> None:  # noqa: ANN001 - a callable(session)
         """Run `add(session)` and write the buffered metric rows, in one transaction fenced on this
-        attempt still owning the job (the job row is locked first).
+        attempt still owning the job (the job row is locked first, and given the latest estimated finish).
 
         Raises:
             StaleAttempt: the attempt no longer owns the job; nothing was written.
         """
         rows, self._pending = self._pending, []
+        values: dict[str, Any] = {"attempt": Job.attempt}
+        if self._estimated_finish is not None:
+            values["estimated_finish"] = case((Job.status == str(JobStatus.RUNNING), self._estimated_finish),
+                                              else_=None)
         with self._sessions() as session:
             try:
                 owned = session.execute(
                     update(Job)
                     .where(Job.id == self.job_id, Job.attempt == self.attempt,
                            Job.status.in_([str(s) for s in LIVE]))
-                    .values(attempt=Job.attempt)
+                    .values(**values)
                     .execution_options(synchronize_session=False)
                 ).rowcount == 1
                 if not owned:

@@ -1,14 +1,21 @@
 """Callbacks driven by scripted states and metrics (no model)."""
 
+import types
+
+import pytest
+
 from core.callbacks import (
     CheckpointSchedule,
     Control,
     EarlyStopping,
     EvaluationSchedule,
+    ProgressReporter,
     Pruning,
     StopRequest,
     TrainState,
+    seconds_left,
 )
+from core.sink import ListSink
 
 
 def evaluate_all(callback, values, metric="loss"):
@@ -120,3 +127,35 @@ def test_stop_request_saves_and_stops():
     state, control = TrainState(), Control()
     StopRequest(lambda: True).on_step_end(state, control)
     assert control.should_stop and control.should_save and state.cancelled
+
+
+def test_seconds_left_is_the_steps_left_at_this_runs_measured_rate():
+    state = TrainState(step=10, max_steps=100, train_seconds=5.0)
+    assert seconds_left(state, run_start_step=0, run_start_seconds=0.0) == pytest.approx(90 * 0.5)
+    # Evaluations so far are spread over the steps so far: (5 + 2) s / 10 steps.
+    assert seconds_left(state, run_start_step=0, run_start_seconds=0.0, eval_seconds=2.0) == pytest.approx(90 * 0.7)
+    # A resumed run measures its own rate: 10 steps in 1 s since step 40, whatever the run before it took.
+    resumed = TrainState(step=50, max_steps=100, train_seconds=101.0)
+    assert seconds_left(resumed, run_start_step=40, run_start_seconds=100.0) == pytest.approx(50 * 0.1)
+    assert seconds_left(resumed, run_start_step=50, run_start_seconds=101.0) is None  # no step of its own yet
+    assert seconds_left(TrainState(step=100, max_steps=100, train_seconds=9.0),
+                        run_start_step=0, run_start_seconds=0.0) == 0.0
+
+
+def test_progress_reporter_reports_the_time_left_with_each_train_report(monkeypatch):
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr("core.callbacks.time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    sink = ListSink()
+    cb = ProgressReporter(sink, every_steps=10)
+    state, control = TrainState(step=20, max_steps=60, train_seconds=50.0), Control()  # resumed at step 20
+    cb.on_train_begin(state, control)
+    for step in range(21, 41):
+        state.step, state.train_seconds = step, state.train_seconds + 0.25
+        cb.on_step_end(state, control)
+        if step == 30:  # an evaluation of 1.5 s after step 30
+            clock.now += 1.5
+            cb.on_evaluate(state, control, {"loss": 1.0})
+    [(s30, left30), (s40, left40)] = sink.progress_reports
+    assert (s30, left30) == (30, pytest.approx(30 * 0.25))  # 10 steps of 0.25 s; the run before is not counted
+    assert (s40, left40) == (40, pytest.approx(20 * (20 * 0.25 + 1.5) / 20))
+    assert [(step, split) for step, split, _ in sink.rows] == [(30, "train"), (30, "valid"), (40, "train")]

@@ -158,7 +158,7 @@ def test_run_job_succeeds(settings):
     job = get_job(settings, job_id)
     assert job.status == JobStatus.SUCCEEDED and job.attempt == 1
     assert job.lease_owner is None and job.lease_until is None and job.error is None
-    assert job.started_at and job.finished_at >= job.started_at
+    assert job.started_at and job.finished_at >= job.started_at and job.estimated_finish is None
     assert re.fullmatch(r"ft:tiny-bert:acme-corp:my-suffix:[0-9a-f]{12}", job.fine_tuned_model)
     assert job.trained_tokens > 0
     assert job.hyperparameters["n_epochs"] == 2 and job.hyperparameters["batch_size"] == 8
@@ -253,13 +253,15 @@ def test_cancel_while_running(settings):
                       hyperparameters={"n_epochs": 3, "batch_size": 8}, config={"max_length": 64})
     runner = Runner(settings, job_id)
     runner.start()
-    wait_for(lambda: count(settings, Metric, job_id), what="training to report")
+    wait_for(lambda: get_job(settings, job_id).estimated_finish, what="an estimated finish")
+    check_estimated_finish(settings, job_id, max_steps=3 * 3000 // 8, batch_size=8)
     with session_scope(settings.sqlalchemy_url) as session:  # what POST /cancel does
         assert move(session, job_id=job_id, source=JobStatus.RUNNING, target=JobStatus.CANCELLING, by=Actor.USER)
     runner.join(120)
     assert runner.status == JobStatus.CANCELLED
     job = get_job(settings, job_id)
     assert job.status == JobStatus.CANCELLED and job.finished_at and job.fine_tuned_model is None
+    assert job.estimated_finish is None
     assert events(settings, job_id)[-1].message == "The job was cancelled"
     result = attempt_paths(settings.jobs_dir, job_id, 1)["result.json"].read_text()
     assert '"cancelled"' in result  # the child stopped on SIGTERM, not SIGKILL
@@ -291,6 +293,7 @@ def test_pause_while_running_checkpoints_and_resume_continues(settings):
     assert runner.status == JobStatus.PAUSED
     job = get_job(settings, job_id)
     assert job.status == JobStatus.PAUSED and job.lease_owner is None and job.fine_tuned_model is None
+    assert job.estimated_finish is None
     with session_scope(settings.sqlalchemy_url) as session:
         paused_at = session.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job_id))
     assert paused_at and paused_at > 0  # the child checkpointed where it stopped
@@ -302,6 +305,52 @@ def test_pause_while_running_checkpoints_and_resume_continues(settings):
     job = get_job(settings, job_id)
     assert job.attempt == 2 and job.fine_tuned_model
     assert any(f"from the checkpoint at step {paused_at}" in e.message for e in events(settings, job_id))
+
+
+def check_estimated_finish(settings, job_id: str, *, max_steps: int, batch_size: int) -> None:
+    """The running job's estimated finish is now + the steps left at the rate its train metrics show
+    (no validation file: no evaluations). Each train row covers 10 full batches at its samples/s."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        rows = list(session.scalars(select(Metric).where(Metric.job_id == job_id, Metric.split == "train")))
+        job = session.get(Job, job_id)
+        finish, status = job.estimated_finish, job.status
+    step = max(r.step for r in rows)
+    seconds = sum(10 * batch_size / r.values["samples_per_second"] for r in rows)
+    expected = (max_steps - step) * seconds / step
+    assert status == JobStatus.RUNNING
+    # Written with that step's metrics, at most a flush interval (2 s) before this read.
+    assert expected * 0.75 - 5 <= finish - time.time() <= expected * 1.25 + 1, (finish - time.time(), expected)
+
+
+def test_estimated_finish_is_written_while_running_and_cleared_by_every_move(settings):
+    ends = {  # how each job leaves `running`, (target, actor) in turn
+        "succeeded": [(JobStatus.SUCCEEDED, Actor.RUNNER)],
+        "failed": [(JobStatus.FAILED, Actor.SWEEPER)],
+        "requeued": [(JobStatus.QUEUED, Actor.RUNNER)],
+        "paused": [(JobStatus.PAUSED, Actor.USER)],
+        "cancelled": [(JobStatus.CANCELLING, Actor.USER), (JobStatus.CANCELLED, Actor.RUNNER)],
+    }
+    for name, moves in ends.items():
+        job_id = make_job(settings, status=JobStatus.RUNNING)
+        sink = DbSink(settings.sqlalchemy_url, job_id, 0)
+        sink.progress(30, seconds_left=90 * 0.5)  # 90 steps left at 0.5 s each
+        before = time.time()
+        sink.metrics(30, {"loss": 0.5}, split="train")
+        sink.flush()  # the write that carries the train metrics carries the estimate
+        finish = get_job(settings, job_id).estimated_finish
+        assert before + 45 - 1 <= finish <= time.time() + 45 + 1, name
+
+        source = JobStatus.RUNNING
+        for target, actor in moves:
+            with session_scope(settings.sqlalchemy_url) as session:
+                assert move(session, job_id=job_id, source=source, target=target, by=actor)
+            assert get_job(settings, job_id).estimated_finish is None, (name, target)
+            source = target
+            if target in (JobStatus.PAUSED, JobStatus.CANCELLING):  # the child still writes, but no estimate
+                sink.progress(40, seconds_left=40.0)
+                sink.event("still stopping")
+                assert get_job(settings, job_id).estimated_finish is None, (name, target)
+        sink.close()
 
 
 def test_killed_child_is_requeued_and_resumes_from_checkpoint(settings):
