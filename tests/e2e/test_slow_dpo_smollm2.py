@@ -23,10 +23,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 def test_dpo_makes_smollm2_prefer_the_right_emotion(smollm2, tmp_path):  # noqa: F811
     if not (EMOTION / "train.csv").is_file():
         pytest.skip(f"tweet_eval_emotion is not at {EMOTION}")
-    train = write_pairs(tmp_path / "train.jsonl", label_pairs(EMOTION / "train.csv", rows=160, seed=0))
+    train = write_pairs(tmp_path / "train.jsonl", label_pairs(EMOTION / "train.csv", rows=256, seed=0))
     test = write_pairs(tmp_path / "test.jsonl", label_pairs(EMOTION / "test.csv", rows=150, seed=1))
     spec = JobSpec(task="causal-lm", method="dpo", model=str(smollm2), training_file="train.jsonl",
-                   test_file="test.jsonl", seed=0,
+                   test_file="test.jsonl", seed=0, hyperparameters={"n_epochs": 2},
                    config={"lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"}})
     result = run(spec, RunPaths(str(smollm2), train, None, test, tmp_path / "work"), ListSink(), archive=False)
     before, after = result.metrics["baseline_test"], result.metrics["test"]
