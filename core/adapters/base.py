@@ -14,7 +14,7 @@ so gradient accumulation computes exactly the gradient of one big batch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,6 +236,14 @@ class TaskAdapter:
 
     # --- shared ----------------------------------------------------------------------------
 
+    def eval_batches(self, split: Split, batch_size: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(example indices, collated CPU batch) of `split` as evaluation takes it: sorted by length,
+        no augmentation. Anything computed in these batches matches evaluation bit for bit."""
+        order = sorted(range(len(split)), key=lambda i: split.lengths[i])
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            yield indices, self.collate(split, indices)
+
     @torch.no_grad()
     def evaluate(
         self,
@@ -253,9 +261,7 @@ class TaskAdapter:
         loss_sum, units = 0.0, 0
         predictions: list[Any] = []
         targets: list[Any] = []
-        order = sorted(range(len(split)), key=lambda i: split.lengths[i])
-        for start in range(0, len(order), batch_size):
-            batch = self.collate(split, order[start : start + batch_size])
+        for _, batch in self.eval_batches(split, batch_size):
             units += self.units(batch)
             targets.append(batch["labels"])
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -21,6 +21,7 @@ import bisect
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from core.adapters.base import Split
 from core.datasets import chat
@@ -164,6 +165,21 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[in
         inside = (starts < end) & (ends > start) & (ends > starts)  # special tokens added have (0, 0)
         learned[inside] = learn
     return [token if keep else IGNORE for token, keep in zip(ids, learned)]
+
+
+def padded(rows: list[list[int]], labels: list[list[int]], *, pad_token_id: int,
+           multiple: int | None = None) -> dict[str, torch.Tensor]:
+    """Rows right-padded to the longest (rounded up to `multiple`): input_ids, attention_mask (1 on
+    real tokens) and labels (IGNORE on padding)."""
+    longest = max(len(r) for r in rows)
+    if multiple:
+        longest = -(-longest // multiple) * multiple
+    gaps = [longest - len(r) for r in rows]
+    return {
+        "input_ids": torch.tensor([r + [pad_token_id] * g for r, g in zip(rows, gaps)], dtype=torch.long),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * g for r, g in zip(rows, gaps)], dtype=torch.long),
+        "labels": torch.tensor([t + [IGNORE] * g for t, g in zip(labels, gaps)], dtype=torch.long),
+    }
 
 
 def pack(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from core.adapters.base import Split, TaskAdapter, TaskData
-from core.adapters.causal_data import IGNORE, Encoded, encode, packed_split
+from core.adapters.causal_data import IGNORE, Encoded, encode, packed_split, padded
 from core.cache import Ragged, digest, processor_fingerprint
 from core.datasets import ParsedFile, chat
 from core.errors import DataError, ModelError
@@ -131,16 +131,10 @@ class CausalLM(TaskAdapter):
         Text augmentation does not apply to causal-lm: `rng` is unused.
         """
         rows = [split.features["input_ids"][i] for i in indices]
-        longest = max(len(r) for r in rows)
-        if pad_to_multiple_of:
-            longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-        gaps = [longest - len(r) for r in rows]
-        batch = {
-            "input_ids": torch.tensor([r + [self.pad_token_id] * g for r, g in zip(rows, gaps)], dtype=torch.long),
-            "attention_mask": torch.tensor([[1] * len(r) + [0] * g for r, g in zip(rows, gaps)], dtype=torch.long),
-            "labels": torch.tensor([split.targets[i] + [IGNORE] * g for i, g in zip(indices, gaps)], dtype=torch.long),
-        }
+        batch = padded(rows, [split.targets[i] for i in indices], pad_token_id=self.pad_token_id,
+                       multiple=pad_to_multiple_of)
         if "position_ids" in split.features:
+            gaps = [batch["input_ids"].shape[1] - len(r) for r in rows]
             positions = [split.features["position_ids"][i] + list(range(g)) for i, g in zip(indices, gaps)]
             batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
         return batch

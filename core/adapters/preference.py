@@ -34,7 +34,7 @@ import torch
 
 from core import dpo
 from core.adapters.base import Split, TaskData
-from core.adapters.causal_data import IGNORE
+from core.adapters.causal_data import IGNORE, padded
 from core.adapters.causal_lm import CausalLM
 from core.datasets import ParsedFile, chat
 from core.device import Precision
@@ -103,12 +103,10 @@ class DirectPreference(CausalLM):
                 if split is None:
                     continue
                 columns = np.zeros((len(split), 2))
-                # In the batches `evaluate` makes (by length): the same padding gives bit for bit the
-                # same log-probabilities, so before any step every reward is exactly 0.
-                order = sorted(range(len(split)), key=lambda i: split.lengths[i])
-                for start in range(0, len(split), batch_size):
-                    indices = order[start:start + batch_size]
-                    batch = {k: v.to(device) for k, v in self.collate(split, indices).items()}
+                # In evaluation's batches: the same padding gives bit for bit the same
+                # log-probabilities, so before any step every reward is exactly 0.
+                for indices, batch in self.eval_batches(split, batch_size):
+                    batch = {k: v.to(device) for k, v in batch.items()}
                     with precision.autocast(device):
                         logps, _ = self.logps(model, batch)
                     columns[indices] = logps.view(2, -1).T.double().cpu().numpy()
@@ -124,14 +122,7 @@ class DirectPreference(CausalLM):
         attention_mask, labels; "ref" (B x 2), the pairs' reference log-probabilities, once computed."""
         rows = [split.features[side][i] for side in ("chosen", "rejected") for i in indices]
         labels = [split.targets[i][side] for side in (0, 1) for i in indices]
-        longest = max(len(r) for r in rows)
-        if pad_to_multiple_of:
-            longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-        batch = {
-            "input_ids": torch.tensor([r + [self.pad_token_id] * (longest - len(r)) for r in rows], dtype=torch.long),
-            "attention_mask": torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows], dtype=torch.long),
-            "labels": torch.tensor([t + [IGNORE] * (longest - len(t)) for t in labels], dtype=torch.long),
-        }
+        batch = padded(rows, labels, pad_token_id=self.pad_token_id, multiple=pad_to_multiple_of)
         if "ref_chosen" in split.features:
             batch["ref"] = torch.tensor([[split.features["ref_chosen"][i], split.features["ref_rejected"][i]]
                                          for i in indices], dtype=torch.float64)

@@ -93,7 +93,7 @@ def pair(record: dict[str, Any], *, where: str, param: str) -> PreferencePair:
 def _answer(value: Any, key: str, *, where: str, param: str) -> Any:
     from core.datasets.chat import message_list
 
-    messages = message_list(_json(value, key, where=where, param=param), key=key, where=where, param=param)
+    messages = message_list(value, key=key, where=where, param=param)  # a CSV cell's JSON is read there
     if len(messages) != 1 or messages[0].role != "assistant":
         raise DataError(f"{where}: \"{key}\" must be exactly one assistant message.", param=param)
     if messages[0].weight != 1:
