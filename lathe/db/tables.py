@@ -120,6 +120,9 @@ class Job(Base):
     child_info: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     search: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     ensemble: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # OpenAI's `integrations` as the request gave them (experiment trackers the training process
+    # logs to); an empty list when none.
+    integrations: Mapped[list[Any] | None] = mapped_column(JSON)
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_status", "status"),
@@ -183,4 +186,72 @@ class Model(Base):
     path: Mapped[str] = mapped_column(Text)  # the exported HF folder
     archive_path: Mapped[str] = mapped_column(Text)  # a .tar of that folder, served by /content
     bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class WebhookEndpoint(Base):
+    """A tenant's webhook endpoint (OpenAI's `webhook_endpoint`): where job events are delivered,
+    signed with `secret` (and `previous_secret` until it expires, after a rotation with overlap)."""
+
+    __tablename__ = "webhook_endpoints"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(256))
+    url: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[list[Any]] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(String(128))
+    previous_secret: Mapped[str | None] = mapped_column(String(128))
+    previous_secret_expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    updated_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    __table_args__ = (Index("ix_webhook_endpoints_tenant_created", "tenant_id", "created_at"),)
+
+
+class WebhookEvent(Base):
+    """The outbox: an event (`fine_tuning.job.succeeded`, ...) written in the transaction of the
+    status change it reports; `payload` is the JSON body every delivery of it sends."""
+
+    __tablename__ = "webhook_events"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    type: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(String(40))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class WebhookDelivery(Base):
+    """One event to one endpoint: `id` is the `webhook-id` header, the same on every attempt.
+    `status` pending -> delivered (a 2xx) or failed (attempts exhausted); a dispatcher claims a due
+    pending row by setting `lease_until` (compare-and-set), so one attempt runs at a time."""
+
+    __tablename__ = "webhook_deliveries"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id", ondelete="CASCADE"))
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column()
+    lease_until: Mapped[float | None] = mapped_column()
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_attempt_at: Mapped[int | None] = mapped_column(BigInteger)
+    delivered_at: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),
+    )
+
+
+class WebhookAttempt(Base):
+    """The delivery log: one row per HTTP attempt (status code or error, duration)."""
+
+    __tablename__ = "webhook_attempts"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
