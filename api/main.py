@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from api.deps import get_caller
 from api.errors import install_handlers
 from api.limits import KeyRateLimiter, check_upload_room
-from api.routes import files, health, job_data, jobs, models
+from api.routes import files, health, job_data, jobs, models, webhooks
 from api.telemetry import MetricsMiddleware, make_registry
 from lathe.jobs import JobCreate
 from lathe.queue import Publisher
@@ -88,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Every /v1 request needs a key, and so counts against that key's rate limit (api.deps.get_caller,
     # run once per request however many dependencies ask for it); /healthz, /readyz and /metrics
     # take no key and are never limited.
-    for module in (files, jobs, job_data, models):
+    for module in (files, jobs, job_data, models, webhooks):
         extra = [Depends(check_upload_room)] if module is files else []
         app.include_router(module.router, dependencies=[Depends(get_caller), *extra])
     app.include_router(health.router)

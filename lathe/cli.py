@@ -2,7 +2,8 @@
 
     lathe serve [--host] [--port]   the whole stack on one machine (embedded SQLite + Redis)
     lathe api [--host] [--port]     the API alone (runs migrations first)
-    lathe worker                    a Celery worker alone: training slots, a validation pool, the lease sweeper
+    lathe worker                    a Celery worker alone: training slots, a validation pool, the lease sweeper,
+                                    the webhook dispatcher
     lathe migrate                   upgrade the database schema
     lathe keys create --tenant T [--expires-in 30d | --expires-at ISO]   print a new API key (last line)
     lathe keys list / revoke ID / expire ID [--at ISO|now]
@@ -60,6 +61,7 @@ def worker(
              "LATHE_VALIDATE_CONCURRENCY threads.")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     sweep_interval: Annotated[float, typer.Option(help="Seconds between lease sweeps; 0 disables.")] = 15.0,
+    webhooks: Annotated[bool, typer.Option(help="Deliver webhook events from the outbox (LATHE_WEBHOOK_*).")] = True,
 ) -> None:
     """Run a Celery worker that validates jobs' files, claims jobs and supervises training processes.
 
@@ -69,10 +71,13 @@ def worker(
     file check up; both start and end with the process."""
     from worker.celery_app import app as celery_app
     from worker.sweeper import run_sweeper
+    from worker.webhooks import run_dispatcher
 
     settings = get_settings()
     if sweep_interval > 0:
         threading.Thread(target=run_sweeper, args=(settings, sweep_interval), name="sweeper", daemon=True).start()
+    if webhooks:
+        threading.Thread(target=run_dispatcher, args=(settings,), name="webhooks", daemon=True).start()
     # Threads, not prefork: each task only supervises a training subprocess, and no DB
     # connection pool is ever shared across a fork.
     celery_app.worker_main([

@@ -33,6 +33,7 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from lathe.db.tables import TERMINAL, Job, JobStatus, now
+from lathe.webhooks import outbox
 
 __all__ = ["INITIAL", "MOVES", "RELEASE_LEASE", "TERMINAL", "USER_ACTIONS", "Actor", "IllegalMove", "JobStatus",
            "allowed", "claim_job", "move", "release_lease", "user_move", "user_target"]
@@ -138,7 +139,8 @@ def move(
 def _write(session: Session, job_id: str, source: JobStatus | Iterable[JobStatus], target: JobStatus, by: Actor,
            fences: Iterable[ColumnElement[bool]], values: dict[str, Any]) -> bool:
     """The one UPDATE that writes a job's status. It clears `estimated_finish`: a running job's
-    estimate is its training process's (worker.sink), and any move ends that run or starts a new one."""
+    estimate is its training process's (worker.sink), and any move ends that run or starts a new one.
+    A move to an end writes its webhook event to the outbox in the same transaction."""
     sources = [JobStatus(source)] if isinstance(source, (str, JobStatus)) else [JobStatus(s) for s in source]
     for s in sources:
         if not allowed(s, target, by):
@@ -151,7 +153,10 @@ def _write(session: Session, job_id: str, source: JobStatus | Iterable[JobStatus
         .values(status=str(target), **{"estimated_finish": None, **values})
         .execution_options(synchronize_session=False)
     )
-    return session.execute(stmt).rowcount == 1
+    changed = session.execute(stmt).rowcount == 1
+    if changed and JobStatus(target) in TERMINAL:
+        outbox.record(session, job_id=job_id, status=JobStatus(target))  # commits with the move, or not at all
+    return changed
 
 
 def claim_job(session: Session, *, job_id: str, lease_owner: str, lease_until: float) -> int | None:

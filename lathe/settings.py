@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,6 +67,28 @@ class Settings(BaseSettings):
     max_stored_bytes: int = Field(100 * 1024**3, ge=0, description=(
         "Bytes a tenant may keep: uploaded files (model archives as extracted) + exported models "
         "(a tenant's own max_stored_bytes overrides it)."))
+    webhook_allow_private: bool = Field(False, description=(
+        "Allow webhook URLs on loopback, private, link-local (cloud metadata) and other non-public "
+        "addresses, and plain http; off, such targets are refused at create and at every delivery."))
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description=(
+        "How long a webhook target may take to accept the connection, and then to answer."))
+    webhook_max_attempts: int = Field(15, ge=1, description="Attempts of a webhook delivery before it is given up.")
+    webhook_retry_base_seconds: float = Field(5.0, gt=0, description=(
+        "Wait after a webhook delivery's first failed attempt; doubles with each attempt (up to "
+        "webhook_retry_max_seconds), times a random factor in [0.5, 1). The defaults retry for ~5 hours."))
+    webhook_retry_max_seconds: float = Field(3600.0, gt=0, description="The longest wait between two attempts.")
+    webhook_poll_seconds: float = Field(1.0, gt=0, description=(
+        "How often a worker's webhook dispatcher looks for due deliveries (the outbox)."))
+    webhook_concurrency: int = Field(4, ge=1, description="Deliveries one worker sends at once.")
+    mlflow_tracking_uri: str | None = Field(None, description=(
+        "The MLflow tracking server jobs with an `mlflow` integration log to (e.g. http://mlflow:5000, "
+        "served with artifact proxying so that workers upload the model through it); unset: such "
+        "jobs are refused with 400."))
+    wandb_mode: Literal["offline", "online"] = Field("offline", description=(
+        "How jobs with a `wandb` integration log: offline writes run folders under wandb_dir that "
+        "`wandb sync` uploads later; online sends them to the W&B server of the worker's WANDB_BASE_URL "
+        "and WANDB_API_KEY (a self-hosted W&B), keeping the same folders."))
+    wandb_dir: Path | None = Field(None, description="Where W&B run folders are written; default data_dir/wandb.")
 
     def hub_model_allowed(self, name: str) -> bool:
         """Whether `name` (already shaped like a hub id) may be fetched from the hub."""
@@ -104,6 +126,10 @@ class Settings(BaseSettings):
     @property
     def models_store(self) -> Path:
         return self.resolved_data_dir / "models"
+
+    @property
+    def wandb_run_dir(self) -> Path:
+        return self.wandb_dir.expanduser().resolve() if self.wandb_dir else self.resolved_data_dir / "wandb"
 
 
 @lru_cache
