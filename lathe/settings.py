@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     webhook_poll_seconds: float = Field(1.0, gt=0, description=(
         "How often a worker's webhook dispatcher looks for due deliveries (the outbox)."))
     webhook_concurrency: int = Field(4, ge=1, description="Deliveries one worker sends at once.")
+    webhook_retention_days: float = Field(30.0, gt=0, description=(
+        "How long delivered and given-up webhook events (and their delivery logs) are kept."))
     mlflow_tracking_uri: str | None = Field(None, description=(
         "The MLflow tracking server jobs with an `mlflow` integration log to (e.g. http://mlflow:5000, "
         "served with artifact proxying so that workers upload the model through it); unset: such "

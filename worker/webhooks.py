@@ -3,19 +3,24 @@ LATHE_WEBHOOK_POLL_SECONDS it claims the outbox's due deliveries (lathe.webhooks
 compare-and-set on each one's lease) up to its free slots and sends them on a pool of
 LATHE_WEBHOOK_CONCURRENCY threads, so a slow endpoint never holds the others up. Any number of
 workers may dispatch at once: a delivery is claimed by one at a time, and one whose dispatcher died
-mid-attempt is claimed again once its lease lapses (same `webhook-id`: at least once)."""
+mid-attempt is claimed again once its lease lapses (same `webhook-id`: at least once). Once an
+hour it also deletes events older than LATHE_WEBHOOK_RETENTION_DAYS that are no longer being
+delivered (their delivery logs go with them)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from lathe.db.session import session_factory
 from lathe.settings import Settings
-from lathe.webhooks.delivery import attempt, claim_due, lease_seconds
+from lathe.webhooks.delivery import attempt, claim_due, lease_seconds, prune
 
 log = logging.getLogger(__name__)
+
+PRUNE_EVERY_SECONDS = 3600.0
 
 
 def run_dispatcher(settings: Settings, *, stop: threading.Event | None = None) -> None:
@@ -38,8 +43,16 @@ def run_dispatcher(settings: Settings, *, stop: threading.Event | None = None) -
         with lock:
             running.discard(future)
 
+    pruned_at = 0.0
     with ThreadPoolExecutor(size, thread_name_prefix="webhook") as pool:
         while not stop.is_set():
+            if time.time() - pruned_at > PRUNE_EVERY_SECONDS:
+                pruned_at = time.time()
+                try:
+                    with factory() as session:
+                        prune(session, older_than=pruned_at - settings.webhook_retention_days * 86400)
+                except Exception:  # noqa: BLE001 - next hour
+                    log.exception("pruning old webhook events failed")
             with lock:
                 free = size - len(running)
             try:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import httpcore
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
@@ -173,3 +173,13 @@ def attempt(factory: typing.Callable[[], Session], settings: Settings, delivery_
                                        error=outcome.error, duration_ms=outcome.duration_ms, created_at=now()))
         session.commit()
     return outcome
+
+
+def prune(session: Session, *, older_than: float) -> int:
+    """Delete events created before `older_than` (unix seconds) that nothing is still delivering,
+    with their deliveries and attempt logs (the foreign keys cascade); commits. Returns how many."""
+    pending = exists().where(WebhookDelivery.event_id == WebhookEvent.id, WebhookDelivery.status == "pending")
+    gone = session.execute(delete(WebhookEvent).where(WebhookEvent.created_at < older_than, ~pending)
+                           .execution_options(synchronize_session=False)).rowcount
+    session.commit()
+    return gone

@@ -39,6 +39,7 @@ def no_deliveries_left(url) -> None:
     """Each test starts with an empty outbox (the database is the module's)."""
     with session_scope(url) as s:
         s.query(WebhookDelivery).delete()
+        s.query(WebhookEvent).delete()
 
 
 @pytest.fixture
@@ -240,3 +241,21 @@ def test_retry_delays_grow_exponentially_with_jitter_up_to_the_cap(url):
     ceilings = [min(s.webhook_retry_max_seconds, s.webhook_retry_base_seconds * 2 ** (n - 1))
                 for n in range(1, s.webhook_max_attempts)]
     assert 2.5 * 3600 < sum(ceilings) * 0.5 and sum(ceilings) < 6 * 3600
+
+
+def test_old_events_no_longer_being_delivered_are_pruned_with_their_logs(url, settings):
+    from lathe.webhooks.delivery import prune
+
+    with Receiver() as receiver:
+        tenant_id, endpoint = tenant_with_endpoint(url, receiver.url)
+        finish(url, running_job(url, tenant_id))
+        run_due(settings)
+        with session_scope(url) as s:  # a second one, still pending
+            assert move(s, job_id=running_job(url, tenant_id), source=JobStatus.RUNNING,
+                        target=JobStatus.FAILED, by=Actor.RUNNER)
+    (done,) = [d for d in deliveries_of(url, endpoint.id) if d.status == "delivered"]
+    with session_factory(url)() as s:
+        assert prune(s, older_than=time.time() - 60) == 0  # both are recent
+        assert prune(s, older_than=time.time() + 60) == 1  # the pending one stays
+    assert [d.status for d in deliveries_of(url, endpoint.id)] == ["pending"]
+    assert attempts_of(url, done.id) == []
