@@ -8,6 +8,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from lathe.db.tables import Checkpoint, Event, File, Job, Metric, Model
+from lathe.integrations import Integration
 
 T = TypeVar("T")
 
@@ -132,7 +133,9 @@ class FineTuningJob(BaseModel):
                     "report plus the optimizer steps left times the seconds per step measured in this run (its "
                     "evaluations included), renewed as training reports progress (every 10 steps). Null until the "
                     "first report and whenever the job is not running.")
-    integrations: list[Any] = Field([], description="Always empty.")
+    integrations: list[Integration] = Field([], description=(
+        "The experiment trackers the job logs to, as requested (a search's trial, an ensemble's member: "
+        "its parent's): OpenAI's wandb objects and Lathe's mlflow ones."))
     metadata: dict[str, str] | None = Field(description="The request's metadata.")
     method: dict[str, Any] = Field(description="OpenAI's method object: {type: supervised|dpo, <type>: {hyperparameters}} "
                                                "(a DPO job's hyperparameters with beta).")
@@ -161,6 +164,7 @@ def job_object(job: Job) -> FineTuningJob:
         result_files=list(job.result_files or []), status=job.status, validation_file=job.validation_file,
         training_file=job.training_file, hyperparameters=hp, trained_tokens=job.trained_tokens,
         error=JobError(**job.error) if job.error else None, seed=job.seed, estimated_finish=job.estimated_finish,
+        integrations=job.integrations or [],
         metadata=job.job_metadata, method={"type": spec.method, spec.method: {"hyperparameters": hp}},
         user_provided_suffix=spec.suffix, task=job.task or spec.task, test_file=job.test_file,
         config=spec.config.model_dump(mode="json"), attempt=job.attempt, metrics=job.metrics,

@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -24,6 +24,7 @@ from lathe import lifecycle
 from lathe.db.queries import add_event, get_file, get_job
 from lathe.db.tables import TERMINAL, Event, FilePurpose, Job, JobStatus, new_id, now
 from lathe.errors import BadRequest, Conflict, NotFound, dotted_param
+from lathe.integrations import Integration, check_integrations, parse_integrations
 from lathe.model_source import ModelSource, resolve_model
 from lathe.queue import ADVANCE_TASK, RUN_TASK, VALIDATE_TASK
 from lathe.ensemble import check_ensemble
@@ -75,9 +76,19 @@ class JobCreate(BaseModel):
     suffix: str | None = Field(None, max_length=64, description="Added to the fine_tuned_model name.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed; chosen at random when absent.")
     metadata: dict[str, str] | None = Field(None, max_length=16, description="Up to 16 string pairs.")
-    integrations: list[dict[str, Any]] | None = Field(None, description="Accepted only empty.")
+    integrations: list[Integration] | None = Field(None, description=(
+        "Experiment trackers the training process logs to: OpenAI's `{type: wandb, wandb: {project, name, "
+        "entity, tags}}` and Lathe's `{type: mlflow, mlflow: {experiment, run_name}}` (each type once); "
+        "a search's trials and an ensemble's members inherit them, each its own run."))
     task: Task | None = Field(None, description="Lathe: what is trained; inferred from the data when absent.")
     config: TrainingConfig | None = Field(None, description="Lathe: the training toolbox (see TrainingConfig).")
+
+    @field_validator("integrations", mode="before")
+    @classmethod
+    def _integrations(cls, value: Any) -> Any:
+        # Judged item by item, its BadRequest passing through pydantic: the param reads
+        # `integrations[0].wandb.project`, not the union's inner path.
+        return parse_integrations(value)
 
 
 def validated(model: type[BaseModel], data: Any, *, prefix: str = "") -> Any:
@@ -187,8 +198,7 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, payload:
         BadRequest / NotFound / Conflict: the request, its files or its model, naming the param.
     """
     body: JobCreate = validated(JobCreate, payload)
-    if body.integrations:
-        raise BadRequest("Integrations are not supported.", param="integrations")
+    integrations = check_integrations(body.integrations, settings)
     if idempotency_key and (existing := _by_key(session, tenant_id, idempotency_key)):
         return _replay(session, existing, body), False
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
@@ -208,6 +218,7 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, payload:
         validation_file=body.validation_file, test_file=body.test_file, result_files=[],
         job_metadata=body.metadata, seed=seed, attempt=0, max_attempts=settings.max_attempts,
         idempotency_key=idempotency_key, created_at=now(), search=search, ensemble=ensemble,
+        integrations=integrations,
     )
     session.add(job)
     try:

@@ -82,7 +82,8 @@ def create_child(session: Session, settings: Settings, parent: Job, *, number: i
                 training_file=parent.training_file, validation_file=parent.validation_file,
                 test_file=parent.test_file, result_files=[], job_metadata=parent.job_metadata,
                 seed=spec.get("seed", parent.seed), attempt=0, max_attempts=settings.max_attempts, created_at=now(),
-                parent_job=parent.id, child_index=number, child_info=info)
+                parent_job=parent.id, child_index=number, child_info=info,
+                integrations=parent.integrations)  # each child logs its own run (worker.tracking)
     session.add(child)
     session.flush()
     add_event(session, job_id=child.id, message=CREATED, data={"parent_job": parent.id, **data})

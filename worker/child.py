@@ -44,6 +44,7 @@ from lathe.db.session import session_scope
 from lathe.db.tables import File, Job
 from lathe.settings import get_settings
 from worker.sink import DbSink, StaleAttempt
+from worker.tracking import About, Tracking
 
 EXIT_STALE = 75
 
@@ -155,6 +156,7 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
     signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
 
     sink = DbSink(settings.sqlalchemy_url, job_id, attempt)
+    tracking = Tracking()  # the job's integrations (worker.tracking), opened once it is read
     try:
         with session_scope(settings.sqlalchemy_url) as session:
             job = session.get(Job, job_id)
@@ -166,12 +168,14 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
                                        ("validation_file", spec.validation_file),
                                        ("test_file", spec.test_file))
             }
+            about = About.of(job, attempt)
         _configure_threads(settings.worker_concurrency)
         from core.cache import InputCache
         from core.engine import RunPaths, run  # torch: only in this process
 
         if timing is not None:
             sink.event(_ready_message(timing), data={"timings": timing})
+        tracking = Tracking.start(about, spec.model_dump(mode="json"), settings, sink)
         if plan.get("hub_cache_only"):
             import huggingface_hub.constants  # read at each request, by transformers too
 
@@ -206,10 +210,12 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
         if spec.config.ensemble:  # the parent of an ensemble: combine its members' models (core.combine)
             from core.combine import combine
 
-            result = combine(spec, _members(plan["members"]), run_paths.data_files(), run_paths.work_dir, sink)
+            result = combine(spec, _members(plan["members"]), run_paths.data_files(), run_paths.work_dir,
+                             tracking.tee(sink))
             result.trained_tokens = sum(m["trained_tokens"] for m in plan["members"])  # the members trained them
         else:
-            result = run(spec, run_paths, sink, should_stop=stop.is_set, archive=False, cache=cache, callbacks=callbacks)
+            result = run(spec, run_paths, tracking.tee(sink), should_stop=stop.is_set, archive=False, cache=cache,
+                         callbacks=callbacks)
         sink.flush()
         if getattr(result, "cancelled", False):
             outcome: dict[str, Any] = {"status": "cancelled"}
@@ -217,12 +223,15 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
             outcome = {"status": "pruned", **_result_fields(result)}
         else:
             outcome = {"status": "succeeded", **_result_fields(result)}
+        tracking.end(outcome["status"], result)  # the test report and the model, before the outcome is read
         code = 0
     except StaleAttempt as e:
         print(f"stopping: {e}", file=sys.stderr, flush=True)
+        tracking.end("lost")
         return EXIT_STALE
     except EngineError as e:
         outcome = {"status": "failed", "error": e.to_dict(), "user_error": True}
+        tracking.end("failed")
         code = 0
     except Exception as e:
         traceback.print_exc()
@@ -231,6 +240,7 @@ def run_attempt(job_id: str, attempt: int, *, timing: dict[str, Any] | None = No
                    "error": {"code": "internal_error", "param": None,
                              "message": f"Training failed with an internal error ({type(e).__name__}); "
                                         "the server's log for this job has the details."}}
+        tracking.end("failed")
         code = 1
     finally:
         sink.close()

@@ -112,7 +112,7 @@ def test_a_dpo_job_reports_its_method_as_openai_does(client, acme, train_file):
     ({"config": {"dpo": {"loss_type": "ipo"}}}, "config.dpo"),
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": -1}}}},
      "method.supervised.hyperparameters.batch_size"),
-    ({"integrations": [{"type": "wandb"}]}, "integrations"),
+    ({"integrations": [{"type": "comet"}]}, "integrations[0].type"),
     ({"seed": -1}, "seed"),
     ({"unknown_field": 1}, "unknown_field"),
     ({"task": "summarize-everything"}, "task"),
