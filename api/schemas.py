@@ -182,6 +182,98 @@ def search_object(record: dict[str, Any]) -> dict[str, Any]:
     return {key: record.get(key) for key in SEARCH_FIELDS}
 
 
+# --- dry runs (lathe.estimate) -----------------------------------------------------------------
+
+class EstimateFile(BaseModel):
+    id: str = Field(description="The file's id.")
+    rows: int = Field(description="Rows (or images) in the file.")
+    examples: int = Field(description="What training iterates: rows kept after truncation (causal-lm drops rows "
+                                      "with no target token left), packed rows with config.packing, DPO pairs.")
+    tokens: int = Field(description="Tokens one pass over the file trains on (non-padding, after max_length "
+                                    "truncation, counted by the base model's tokenizer); 0 for images.")
+
+
+class EstimateRange(BaseModel):
+    min: float
+    mean: float
+    max: float
+
+
+class EstimateBasis(BaseModel):
+    kind: Literal["measured", "formula", "unknown"] = Field(description=(
+        "measured: the speed of your finished jobs on the same base model (else one of its size class) on this "
+        "server; formula: FLOPs at a documented rate (README, 'Estimate before you run'); unknown: no duration."))
+    description: str = Field(description="What the duration is based on, in words.")
+    flops_per_second: float | None = Field(None, description="The training speed assumed.")
+    startup_seconds: float | None = Field(None, description="Per run: start-up, first step, export.")
+    jobs: int | None = Field(None, description="measured: how many finished jobs it is the median of.")
+
+
+class EstimateRun(BaseModel):
+    """One ensemble member's training run."""
+
+    member: int
+    fold: int | None
+    examples: int = Field(description="Training examples of this member (its bootstrap draw, folds, ...).")
+    hyperparameters: dict[str, float | int]
+    learning_rate: float
+    steps_per_epoch: int
+    optimizer_steps: int
+    evaluations: int
+    trained_tokens: int
+    flops: float | None
+    estimated_duration_seconds: int | None
+
+
+class EstimateCombine(BaseModel):
+    models: int = Field(description="Models the ensemble's last step runs and combines.")
+    flops: float | None
+    estimated_duration_seconds: int | None
+
+
+class EstimateChildren(BaseModel):
+    kind: Literal["trials", "members"]
+    count: int = Field(description="Trials the search runs, or the ensemble's member jobs (x folds for stacking).")
+    parallel: int = Field(description="Children run at once at most (as free workers allow).")
+    per_child: dict[str, EstimateRange | None] = Field(description=(
+        "optimizer_steps, trained_tokens and estimated_duration_seconds of one child: min, mean, max (a search: "
+        "over draws from its space)."))
+    varied: list[str] | None = Field(description="A search: the fields its space varies.")
+    members: list[EstimateRun] | None = Field(description="An ensemble: each member job, as it will be created.")
+    combine: EstimateCombine | None = Field(description="An ensemble: its last step, measuring and combining its models.")
+
+
+class JobEstimate(BaseModel):
+    """A dry run's answer (`"dry_run": true` on a create): nothing was stored or queued. For a search or an
+    ensemble the step, token, FLOP and duration figures are the whole parent's (every child, one after
+    another on one training slot, and an ensemble's combine step); `children` has one child's."""
+
+    object: Literal["fine_tuning.job.estimate"] = "fine_tuning.job.estimate"
+    model: str
+    task: str = Field(description="The task (inferred from the data when the request left it out).")
+    method: str
+    seed: int = Field(description="The seed the estimate used (an ensemble's draws depend on it: create with it).")
+    training_file: EstimateFile
+    validation_file: EstimateFile | None
+    test_file: EstimateFile | None
+    parameters: dict[str, int] | None = Field(description=(
+        "The base model's parameters: total, and compute (the weights a token is multiplied by: no lookup "
+        "tables, a causal LM's tied output layer counted)."))
+    hyperparameters: dict[str, float | int] = Field(description=(
+        "What \"auto\" resolves to for these files (a search or an ensemble: for the request as given; its "
+        "children's are in `children`)."))
+    learning_rate: float
+    steps_per_epoch: int
+    optimizer_steps: int | None = Field(description="Optimizer steps (at most: early stopping may stop sooner).")
+    evaluations: int | None = Field(description="Validation passes.")
+    trained_tokens: int | None = Field(description="Tokens trained on, as a finished job's trained_tokens counts them.")
+    flops: float | None
+    estimated_duration_seconds: int | None = Field(description="From the job's start to its end (see basis).")
+    basis: EstimateBasis
+    children: EstimateChildren | None
+    warnings: list[str] = Field(description="What could make the run differ from the estimate.")
+
+
 class JobEvent(BaseModel):
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     id: str = Field(description="The event's id (`ftevent-...`).")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -82,6 +83,10 @@ class JobCreate(BaseModel):
         "a search's trials and an ensemble's members inherit them, each its own run."))
     task: Task | None = Field(None, description="Lathe: what is trained; inferred from the data when absent.")
     config: TrainingConfig | None = Field(None, description="Lathe: the training toolbox (see TrainingConfig).")
+    dry_run: bool = Field(False, description=(
+        "Lathe: check the request and its files as a create would and answer an estimate "
+        "(object fine_tuning.job.estimate: examples, tokens, optimizer steps, duration) instead of a job; "
+        "nothing is stored or queued."))
 
     @field_validator("integrations", mode="before")
     @classmethod
@@ -168,7 +173,8 @@ def check_files(session: Session, *, tenant_id: str, body: JobCreate) -> None:
 
 def fingerprint(body: JobCreate) -> str:
     """The request as sent (a random seed is not part of it), to recognise a retried request."""
-    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    sent = body.model_dump(mode="json", exclude={"dry_run"})  # as fingerprinted before dry_run existed
+    return hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
 
 
 def _replay(session: Session, existing: Job, body: JobCreate) -> Job:
@@ -186,6 +192,43 @@ def _by_key(session: Session, tenant_id: str, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
 
 
+def job_request(payload: Any) -> JobCreate:
+    """The request typed; a bad field is a 400 naming it."""
+    return validated(JobCreate, payload)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A job request that passed every check a create makes: what the job row is made of."""
+
+    spec: JobSpec
+    source: ModelSource
+    search: dict[str, Any] | None
+    ensemble: dict[str, Any] | None
+    integrations: Any
+
+
+def check_request(session: Session, settings: Settings, *, tenant_id: str, body: JobCreate) -> Checked:
+    """Every check a create makes of a request (after its Idempotency-Key); reads only, so a dry run
+    (lathe.estimate) makes the very same checks.
+
+    Raises:
+        BadRequest / NotFound: the request, its files or its model, naming the param.
+    """
+    integrations = check_integrations(body.integrations, settings)
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    spec = build_spec(body, seed=seed)
+    check_files(session, tenant_id=tenant_id, body=body)
+    source = resolve_model(session, settings, tenant_id=tenant_id, name=body.model)
+    check_spec(spec, body, source)
+    check = engine_check(partial(check_applicable, task=spec.task, model=_facts(source)))
+    search = check_search(session, tenant_id=tenant_id, spec=spec, stored=stored_spec(spec),
+                          check=check) if spec.config.search else None
+    ensemble = check_ensemble(session, tenant_id=tenant_id, spec=spec, stored=stored_spec(spec),
+                              check=check) if spec.config.ensemble else None
+    return Checked(spec, source, search, ensemble, integrations)
+
+
 def create_job(session: Session, settings: Settings, *, tenant_id: str, payload: Any,
                idempotency_key: str | None = None) -> tuple[Job, bool]:
     """Validate a job request and store it in validating_files (committed).
@@ -197,20 +240,14 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, payload:
     Raises:
         BadRequest / NotFound / Conflict: the request, its files or its model, naming the param.
     """
-    body: JobCreate = validated(JobCreate, payload)
-    integrations = check_integrations(body.integrations, settings)
+    body: JobCreate = job_request(payload)
+    if body.dry_run:  # a dry run is answered by lathe.estimate.estimate_job and never stored
+        raise ValueError("create_job got a dry run")
     if idempotency_key and (existing := _by_key(session, tenant_id, idempotency_key)):
         return _replay(session, existing, body), False
-    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-    spec = build_spec(body, seed=seed)
-    check_files(session, tenant_id=tenant_id, body=body)
-    source = resolve_model(session, settings, tenant_id=tenant_id, name=body.model)
-    check_spec(spec, body, source)
-    check = engine_check(partial(check_applicable, task=spec.task, model=_facts(source)))
-    search = check_search(session, tenant_id=tenant_id, spec=spec, stored=stored_spec(spec),
-                          check=check) if spec.config.search else None
-    ensemble = check_ensemble(session, tenant_id=tenant_id, spec=spec, stored=stored_spec(spec),
-                              check=check) if spec.config.ensemble else None
+    checked = check_request(session, settings, tenant_id=tenant_id, body=body)
+    spec, source, seed, integrations = checked.spec, checked.source, checked.spec.seed, checked.integrations
+    search, ensemble = checked.search, checked.ensemble
 
     job = Job(
         id=new_id("ftjob"), tenant_id=tenant_id, spec=stored_spec(spec), model=body.model,

@@ -12,28 +12,25 @@ import os
 import socket
 import time
 import uuid
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
-from core.applicability import DataFacts, check_applicable, model_facts
-from core.datasets import FILE_PARAMS, DatasetSummary, chat, inspect_files
-from core.errors import DataError, EngineError, ModelError
+from core.datasets import FILE_PARAMS, DatasetSummary
+from core.errors import EngineError, ModelError
 from core.spec import JobSpec, Task
 from lathe.db.queries import add_event
 from lathe.db.session import session_scope
-from lathe.db.tables import TERMINAL, Checkpoint, File, Job, JobStatus, now
+from lathe.db.tables import TERMINAL, Checkpoint, Job, JobStatus, now
 from lathe.ensemble import boosted_by, check_ensemble, members_of
 from lathe.errors import LatheError
 from lathe.lifecycle import Actor, claim_job, move
 from lathe.model_source import cache_only, resolve_model
 from lathe.queue import publish_advance, publish_run
 from lathe.parents import advance
-from lathe.search.requests import engine_check
-from lathe.search.space import check_space, objective_of, space_of
 from lathe.settings import Settings, get_settings
+from lathe.validation import job_files, judge_files
 from worker.finalise import fail, finalise, pack_model_archive, publish_retry
 from worker.supervisor import standbys, start_child, supervise
 
@@ -56,12 +53,7 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
         if job is None or job.status != JobStatus.VALIDATING_FILES:
             return ""
         spec_data, tenant_id, parent_job = job.spec, job.tenant_id, job.parent_job
-        files: dict[str, tuple[str, str] | None] = {}
-        for param in FILE_PARAMS:
-            file_id = getattr(job, param)
-            file = session.get(File, file_id) if file_id else None
-            files[param] = (file_id, file.path) if file is not None and file.tenant_id == tenant_id else (
-                (file_id, "") if file_id else None)
+        files = job_files(session, tenant_id=tenant_id, ids={p: getattr(job, p) for p in FILE_PARAMS})
         try:
             source = resolve_model(session, settings, tenant_id=tenant_id, name=job.model)
         except LatheError as e:
@@ -71,19 +63,10 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
         if source is None:
             raise ModelError(model_error["message"], param="model", code=model_error["code"])
         spec = JobSpec.model_validate(spec_data)
-        task, infos = _inspect(spec, files)
-        # What only the data and the model tell: the inferred task, the problem type, the depth.
-        facts = model_facts(Path(source.base)) if source.kind != "hub" else None
-        check = partial(check_applicable, task=task, data=DataFacts.from_summaries(infos), model=facts)
-        check(spec)
-        if task == Task.CAUSAL_LM:  # preference rows for a DPO job, and only for one
-            chat.check_method(spec.method, infos)
-        if spec.config.search:  # every trial its space can make, judged as this job now is
-            metric, _ = objective_of(spec)
-            check_space(spec_data, space_of(spec.config.search, task), objective=metric, check=engine_check(check))
+        task, infos, check = judge_files(spec, spec_data, files, source)  # the same checks as a dry run's
         if spec.config.ensemble:  # every member, judged as this job now is
             with session_scope(settings.sqlalchemy_url) as session:
-                check_ensemble(session, tenant_id=tenant_id, spec=spec, stored=spec_data, check=engine_check(check))
+                check_ensemble(session, tenant_id=tenant_id, spec=spec, stored=spec_data, check=check)
     except EngineError as e:
         error = e.to_dict()
     except LatheError as e:
@@ -117,20 +100,6 @@ def validate_job(job_id: str, *, settings: Settings | None = None) -> str:
     if ok:  # a parent trains nothing itself: its first step starts the trials or members
         (publish_advance if spec.config.search or spec.config.ensemble else publish_run)(settings, job_id)
     return JobStatus.QUEUED if ok else ""
-
-
-def _inspect(spec: JobSpec, files: dict[str, tuple[str, str] | None]) -> tuple[Task, dict[str, DatasetSummary]]:
-    paths: dict[str, Path | None] = {}
-    for param in FILE_PARAMS:
-        entry = files.get(param)
-        if entry is None:
-            paths[param] = None
-            continue
-        file_id, path = entry
-        if not path or not Path(path).is_file():
-            raise DataError(f"File {file_id!r} not found.", param=param, code="file_not_found")
-        paths[param] = Path(path)
-    return inspect_files(spec.task, paths, spec.config)
 
 
 def _summary(task: Task, infos: dict[str, DatasetSummary]) -> str:

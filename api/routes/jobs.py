@@ -9,8 +9,9 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.schemas import V1_ERRORS, FineTuningJob, ListPage, error_responses, job_object
+from api.schemas import V1_ERRORS, FineTuningJob, JobEstimate, ListPage, error_responses, job_object
 from lathe import jobs as service
+from lathe.estimate import estimate_job
 from lathe.queue import VALIDATE_TASK
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=V1_ERRORS)
@@ -20,16 +21,20 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], response
 JOB_CREATE_BODY = {"x-lathe-body": "JobCreate"}
 
 
-@router.post("", response_model=FineTuningJob, openapi_extra=JOB_CREATE_BODY,
-             responses=error_responses(404, 409))
+@router.post("", response_model=FineTuningJob | JobEstimate, openapi_extra=JOB_CREATE_BODY,
+             responses=error_responses(404, 409, 504))
 def create_job(
     request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     payload: Annotated[dict[str, Any], Body()],
     # An empty key was stored like a real one and the second such request hit the unique index: a 500.
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=256)] = None,
-) -> FineTuningJob:
-    """Create a fine-tuning job; it starts in validating_files."""
-    job, new = service.create_job(session, settings, tenant_id=tenant.id, payload=payload,
+) -> FineTuningJob | JobEstimate:
+    """Create a fine-tuning job; it starts in validating_files. With `"dry_run": true`, check the request and
+    its files in full and answer an estimate (fine_tuning.job.estimate) instead: nothing is stored or queued."""
+    body = service.job_request(payload)
+    if body.dry_run:
+        return JobEstimate.model_validate(estimate_job(session, settings, tenant_id=tenant.id, body=body))
+    job, new = service.create_job(session, settings, tenant_id=tenant.id, payload=body,
                                   idempotency_key=idempotency_key)
     if new:
         request.app.state.publish(VALIDATE_TASK, job.id)  # after commit: the worker must find the row

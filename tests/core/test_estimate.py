@@ -1,0 +1,62 @@
+"""core.estimate: a dry run's counts are what a training run counts (causal-lm chat rows truncated
+and dropped, packed rows, DPO pairs), and parameter counts read off safetensors headers equal the
+model's own, lookup tables out of the compute count and a tied output layer in."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.engine import RunPaths, run
+from core.estimate import count_inputs, model_parameters, weight_parameters
+from core.sink import ListSink
+from core.spec import JobSpec, Task
+from tests.tiny_causal import chat_rows, preference_rows, save_tiny_llama, write_jsonl
+from tests.tiny_models import save_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("estimate") / "llama")
+
+
+@pytest.mark.parametrize("method, config", [
+    ("supervised", {"max_length": 24}),  # long rows cut, some left with no answer token: dropped
+    ("supervised", {"packing": True, "max_length": 64}),
+    ("dpo", {}),
+], ids=["truncated", "packed", "dpo"])
+def test_counts_are_what_training_counts(tiny_llama, tmp_path, method, config):
+    rows = preference_rows(12, seed=1) if method == "dpo" else chat_rows(24, seed=1)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    body = {"model": str(tiny_llama), "training_file": "f", "task": "causal-lm", "seed": 3,
+            "hyperparameters": {"n_epochs": 2, "batch_size": 4}, "config": config}
+    spec = JobSpec.model_validate(body | ({"method": "dpo"} if method == "dpo" else {}))
+    [counted] = count_inputs(str(tiny_llama), Task.CAUSAL_LM, {"training_file": train}, [spec])
+    sink = ListSink()
+    result = run(spec, RunPaths(str(tiny_llama), train, None, None, tmp_path / "work"), sink, archive=False)
+    assert result.trained_tokens == 2 * counted["training_file"]["tokens"] > 0
+    described = next(m for _, m, _ in sink.events if m.startswith("Training "))
+    assert f"on {counted['training_file']['examples']} examples" in described
+    if "max_length" in config and not config.get("packing"):
+        assert counted["training_file"]["examples"] < len(rows)  # the rows truncation left without a target
+
+
+def test_parameter_counts_from_headers_equal_the_models(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM, BertModel
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    counts = weight_parameters(tiny_llama, causal_lm=True)
+    table = llama.get_input_embeddings().weight.numel()
+    assert counts["total"] == sum(p.numel() for p in llama.parameters())
+    assert counts["compute"] == counts["total"]  # the table out as a lookup, back in as the tied output layer
+    assert model_parameters(str(tiny_llama), Task.CAUSAL_LM) == counts
+    as_classifier = weight_parameters(tiny_llama, causal_lm=False)
+    assert as_classifier["compute"] == counts["total"] - table
+
+    bert_dir = save_tiny_bert(tmp_path / "bert")
+    bert = BertModel.from_pretrained(bert_dir)
+    counts = weight_parameters(bert_dir, causal_lm=False)
+    lookups = sum(m.weight.numel() for m in (bert.embeddings.word_embeddings, bert.embeddings.position_embeddings,
+                                              bert.embeddings.token_type_embeddings))
+    assert counts == {"total": sum(p.numel() for p in bert.parameters()),
+                      "compute": sum(p.numel() for p in bert.parameters()) - lookups}
+    assert weight_parameters(tmp_path, causal_lm=False) is None  # no weights
