@@ -8,6 +8,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from lathe.db.tables import Checkpoint, Event, File, Job, Metric, Model
+from lathe.gpu_classes import Resources
 from lathe.integrations import Integration
 
 T = TypeVar("T")
@@ -153,6 +154,9 @@ class FineTuningJob(BaseModel):
         "Lathe: on an ensemble (config.ensemble), its method, phase (members: training them; combine: combining) "
         "and `members` (member, fold, job, status); its figures, each member's beside the ensemble's, are in "
         "metrics.members and the model's eval_report.json; else null."))
+    resources: Resources | None = Field(None, description=(
+        "Lathe: the GPU class the job runs on and its GPU count, as requested (a search's trial, an ensemble's "
+        "member: its parent's); null: the default queue."))
 
 
 def job_object(job: Job) -> FineTuningJob:
@@ -171,6 +175,7 @@ def job_object(job: Job) -> FineTuningJob:
         parent_job=job.parent_job, search=search_object(job.search) if job.search else None,
         ensemble={k: job.ensemble[k] for k in ("method", "phase", "from_search", "members") if k in job.ensemble}
         if job.ensemble else None,
+        resources=Resources(gpu=job.gpu_class, gpus=job.gpus or 1) if job.gpu_class else None,
     )
 
 

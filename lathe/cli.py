@@ -2,8 +2,8 @@
 
     lathe serve [--host] [--port]   the whole stack on one machine (embedded SQLite + Redis)
     lathe api [--host] [--port]     the API alone (runs migrations first)
-    lathe worker                    a Celery worker alone: training slots, a validation pool, the lease sweeper,
-                                    the webhook dispatcher
+    lathe worker [--gpu-class C]    a Celery worker alone: training slots, a validation pool, the lease sweeper,
+                                    the webhook dispatcher; --gpu-class: the GPU classes whose jobs it trains
     lathe migrate                   upgrade the database schema
     lathe keys create --tenant T [--expires-in 30d | --expires-at ISO]   print a new API key (last line)
     lathe keys list / revoke ID / expire ID [--at ISO|now]
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -62,18 +63,33 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     sweep_interval: Annotated[float, typer.Option(help="Seconds between lease sweeps; 0 disables.")] = 15.0,
     webhooks: Annotated[bool, typer.Option(help="Deliver webhook events from the outbox (LATHE_WEBHOOK_*).")] = True,
+    gpu_class: Annotated[list[str] | None, typer.Option(
+        "--gpu-class", help="A GPU class whose jobs (resources.gpu) this worker trains, from <LATHE_QUEUE>.gpu.<class>; "
+                            "repeat it for more. `default` also takes jobs without a class, which a worker named "
+                            "no class takes alone. Sets LATHE_WORKER_GPU_CLASSES.")] = None,
 ) -> None:
     """Run a Celery worker that validates jobs' files, claims jobs and supervises training processes.
 
-    One process, two pools: Celery's threads (--concurrency) take `lathe.run_job` from LATHE_QUEUE,
-    and the validation pool (worker.celery_app.ValidationPool, LATHE_VALIDATE_CONCURRENCY threads)
-    takes `lathe.validate_job` from `<LATHE_QUEUE>.validate`, so a busy training slot never holds a
-    file check up; both start and end with the process."""
+    One process, two pools: Celery's threads (--concurrency) take `lathe.run_job` from LATHE_QUEUE
+    (with --gpu-class, from those classes' queues: lathe.gpu_classes), and the validation pool
+    (worker.celery_app.ValidationPool, LATHE_VALIDATE_CONCURRENCY threads) takes `lathe.validate_job`
+    from `<LATHE_QUEUE>.validate`, so a busy training slot never holds a file check up; both start and
+    end with the process."""
+    from lathe.gpu_classes import served
+
+    if gpu_class:  # the setting is what the claim and the heartbeats read
+        os.environ["LATHE_WORKER_GPU_CLASSES"] = ",".join(gpu_class)
+        get_settings.cache_clear()
+    settings = get_settings()
+    try:
+        queues = served(settings).queues(settings)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--gpu-class / LATHE_WORKER_GPU_CLASSES") from None
+
     from worker.celery_app import app as celery_app
     from worker.sweeper import run_sweeper
     from worker.webhooks import run_dispatcher
 
-    settings = get_settings()
     if sweep_interval > 0:
         threading.Thread(target=run_sweeper, args=(settings, sweep_interval), name="sweeper", daemon=True).start()
     if webhooks:
@@ -81,7 +97,7 @@ def worker(
     # Threads, not prefork: each task only supervises a training subprocess, and no DB
     # connection pool is ever shared across a fork.
     celery_app.worker_main([
-        "worker", "-Q", settings.queue, "--pool", "threads",
+        "worker", "-Q", ",".join(queues), "--pool", "threads",
         "--concurrency", str(concurrency or settings.worker_concurrency),
         "--loglevel", loglevel, "--without-gossip", "--without-mingle",
     ])

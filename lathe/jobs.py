@@ -25,6 +25,7 @@ from lathe import lifecycle
 from lathe.db.queries import add_event, get_file, get_job
 from lathe.db.tables import TERMINAL, Event, FilePurpose, Job, JobStatus, new_id, now
 from lathe.errors import BadRequest, Conflict, NotFound, dotted_param
+from lathe.gpu_classes import Resources
 from lathe.integrations import Integration, check_integrations, parse_integrations
 from lathe.model_source import ModelSource, resolve_model
 from lathe.queue import ADVANCE_TASK, RUN_TASK, VALIDATE_TASK
@@ -83,6 +84,9 @@ class JobCreate(BaseModel):
         "a search's trials and an ensemble's members inherit them, each its own run."))
     task: Task | None = Field(None, description="Lathe: what is trained; inferred from the data when absent.")
     config: TrainingConfig | None = Field(None, description="Lathe: the training toolbox (see TrainingConfig).")
+    resources: Resources | None = Field(None, description=(
+        "Lathe: the GPU class the job runs on (`{\"gpu\": \"a100\"}`): only workers serving that class take it. "
+        "Absent: any worker serving the default queue. A search's trials and an ensemble's members inherit it."))
     dry_run: bool = Field(False, description=(
         "Lathe: check the request and its files as a create would and answer an estimate "
         "(object fine_tuning.job.estimate: examples, tokens, optimizer steps, duration) instead of a job; "
@@ -174,6 +178,8 @@ def check_files(session: Session, *, tenant_id: str, body: JobCreate) -> None:
 def fingerprint(body: JobCreate) -> str:
     """The request as sent (a random seed is not part of it), to recognise a retried request."""
     sent = body.model_dump(mode="json", exclude={"dry_run"})  # as fingerprinted before dry_run existed
+    if sent.get("resources") is None:  # likewise before resources existed
+        sent.pop("resources", None)
     return hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
 
 
@@ -255,7 +261,8 @@ def create_job(session: Session, settings: Settings, *, tenant_id: str, payload:
         validation_file=body.validation_file, test_file=body.test_file, result_files=[],
         job_metadata=body.metadata, seed=seed, attempt=0, max_attempts=settings.max_attempts,
         idempotency_key=idempotency_key, created_at=now(), search=search, ensemble=ensemble,
-        integrations=integrations,
+        integrations=integrations, gpu_class=body.resources.gpu if body.resources else None,
+        gpus=body.resources.gpus if body.resources else None,
     )
     session.add(job)
     try:

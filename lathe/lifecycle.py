@@ -159,13 +159,18 @@ def _write(session: Session, job_id: str, source: JobStatus | Iterable[JobStatus
     return changed
 
 
-def claim_job(session: Session, *, job_id: str, lease_owner: str, lease_until: float) -> int | None:
+def claim_job(session: Session, *, job_id: str, lease_owner: str, lease_until: float,
+              fences: Iterable[ColumnElement[bool]] = ()) -> int | None:
     """queued -> running for a new attempt (attempt + 1) under a fresh lease, by the runner.
 
+    Args:
+        fences: what else the row must meet (the worker's: a GPU class it serves).
+
     Returns:
-        The new attempt number, or None when the job was not queued (a duplicate or late message).
+        The new attempt number, or None when the job was not queued (a duplicate or late message) or
+        failed a fence.
     """
-    claimed = _write(session, job_id, S.QUEUED, S.RUNNING, Actor.RUNNER, (), {
+    claimed = _write(session, job_id, S.QUEUED, S.RUNNING, Actor.RUNNER, fences, {
         "attempt": Job.attempt + 1, "lease_owner": lease_owner, "lease_until": lease_until,
         "started_at": func.coalesce(Job.started_at, now()), "error": None})
     return session.scalar(select(Job.attempt).where(Job.id == job_id)) if claimed else None

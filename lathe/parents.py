@@ -83,6 +83,7 @@ def create_child(session: Session, settings: Settings, parent: Job, *, number: i
                 test_file=parent.test_file, result_files=[], job_metadata=parent.job_metadata,
                 seed=spec.get("seed", parent.seed), attempt=0, max_attempts=settings.max_attempts, created_at=now(),
                 parent_job=parent.id, child_index=number, child_info=info,
+                gpu_class=parent.gpu_class, gpus=parent.gpus,  # routed as the parent (lathe.queue.run_queue)
                 integrations=parent.integrations)  # each child logs its own run (worker.tracking)
     session.add(child)
     session.flush()

@@ -8,6 +8,11 @@ Two queues: `lathe.run_job` goes to LATHE_QUEUE, whose consumers are the trainin
 (worker.celery_app.ValidationPool), so checking a job's files or starting a search's trials never
 waits for a training slot.
 
+A job with a GPU class (`resources.gpu`, lathe.gpu_classes) has its `lathe.run_job` messages on
+`<LATHE_QUEUE>.gpu.<class>` instead, consumed by the workers that serve the class: `run_queue`
+decides, and the publisher reads the job's class from its committed row, so no publisher (the
+validator, a retry, the sweeper, a resume, a search's or an ensemble's step) routes it elsewhere.
+
 Messages carry job ids, never payloads; there is no result backend: state lives in SQL. Publishing
 never raises: the job row is already committed when a message goes out, and the sweeper publishes
 again for a job whose message was lost (a broker that was down, a FLUSHALL).
@@ -19,7 +24,10 @@ import logging
 import threading
 
 from celery import Celery
+from sqlalchemy import select
 
+from lathe.db.session import session_scope
+from lathe.db.tables import Job
 from lathe.settings import Settings
 
 log = logging.getLogger("lathe.queue")
@@ -42,6 +50,19 @@ def validate_queue(settings: Settings) -> str:
 def queue_for(settings: Settings, task_name: str) -> str:
     """Where a task's messages go: the light tasks to their own queue, training to LATHE_QUEUE."""
     return validate_queue(settings) if task_name in LIGHT_TASKS else settings.queue
+
+
+def run_queue(settings: Settings, gpu_class: str | None) -> str:
+    """The queue of a job's `lathe.run_job` messages: `<LATHE_QUEUE>.gpu.<class>` for a job with a
+    GPU class, LATHE_QUEUE for one without."""
+    return f"{settings.queue}.gpu.{gpu_class}" if gpu_class else settings.queue
+
+
+def job_run_queue(settings: Settings, job_id: str) -> str:
+    """`run_queue` for the job's class, as its committed row says."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        gpu_class = session.scalar(select(Job.gpu_class).where(Job.id == job_id))
+    return run_queue(settings, gpu_class)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -84,7 +105,8 @@ class Publisher:
         """Publish `task_name(job_id)`; call only after the job row is committed. False when the
         broker could not be reached (logged; the sweeper publishes again later)."""
         try:
-            self.celery.send_task(task_name, args=[job_id], queue=queue_for(self.settings, task_name))
+            queue = job_run_queue(self.settings, job_id) if task_name == RUN_TASK else queue_for(self.settings, task_name)
+            self.celery.send_task(task_name, args=[job_id], queue=queue)
             return True
         except Exception:  # noqa: BLE001 - the broker being down must not undo a committed change
             log.exception("could not publish %s for %s; the sweeper will publish it again", task_name, job_id)
@@ -119,7 +141,8 @@ def publish_advance(settings: Settings, job_id: str) -> bool:
 
 
 def publish_run(settings: Settings, job_id: str) -> bool:
-    """Enqueue `lathe.run_job`; call only after the job row is committed as `queued`."""
+    """Enqueue `lathe.run_job` on the job's run queue (`run_queue`); call only after the job row is
+    committed as `queued`."""
     return publisher_for(settings)(RUN_TASK, job_id)
 
 

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
         "`wandb sync` uploads later; online sends them to the W&B server of the worker's WANDB_BASE_URL "
         "and WANDB_API_KEY (a self-hosted W&B), keeping the same folders."))
     wandb_dir: Path | None = Field(None, description="Where W&B run folders are written; default data_dir/wandb.")
+    worker_gpu_classes: str = Field("", description=(
+        "The GPU classes a worker serves, comma-separated (`lathe worker --gpu-class` sets it): it consumes "
+        "`<queue>.gpu.<class>` for each and claims only jobs whose resources.gpu is one of them; `default` "
+        "stands for jobs without a class (the queue itself). Empty: `default` alone."))
 
     def hub_model_allowed(self, name: str) -> bool:
         """Whether `name` (already shaped like a hub id) may be fetched from the hub."""

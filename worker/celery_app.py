@@ -28,6 +28,7 @@ from celery.signals import worker_ready, worker_shutdown
 from kombu.common import ignore_errors
 from kombu import Consumer, Exchange, Message, Queue
 
+from lathe.gpu_classes import announcer
 from lathe.queue import ADVANCE_TASK, RUN_TASK, VALIDATE_TASK, publisher_for, validate_queue
 from lathe.settings import get_settings
 from worker import tasks
@@ -37,6 +38,18 @@ log = logging.getLogger(__name__)
 
 app = publisher_for(get_settings()).celery  # lathe.queue.make_celery: the one configuration
 app.conf.worker_pool = "threads"
+
+
+# The GPU classes this worker serves (LATHE_WORKER_GPU_CLASSES; `lathe worker --gpu-class` consumes
+# their queues) count as served from when it is ready (lathe.gpu_classes); its heartbeats end with it.
+@worker_ready.connect(weak=False)
+def announce_gpu_classes(**_: Any) -> None:
+    announcer.start(get_settings())
+
+
+@worker_shutdown.connect(weak=False)
+def stop_announcing(**_: Any) -> None:
+    announcer.stop()
 
 
 @worker_ready.connect(weak=False)

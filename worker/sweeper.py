@@ -12,7 +12,9 @@ compare-and-set, and a duplicate message finds nothing to claim).
 - `queued`/`validating_files` for longer than `stale_after` seconds (LATHE_SWEEP_STALE_AFTER_SECONDS):
   the message may have been lost (a broker restart without persistence, a FLUSHALL); publish it
   again. On these states `lease_until` means "not re-published before": it spaces re-publishing
-  out, so a long queue is not flooded.
+  out, so a long queue is not flooded. A job whose GPU class no worker serves is not re-published
+  (its message waits in the class's queue; a worker that comes takes it, or the first sweep after
+  it comes publishes again); it gets one warn event saying so instead (lathe.gpu_classes).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import logging
 import threading
 import time
 
+import redis
 from sqlalchemy import or_, select, update
 
 from lathe.db.queries import add_event
 from lathe.db.session import session_scope
 from lathe.db.tables import Job, JobStatus, now
+from lathe.gpu_classes import note_unserved, unserved, waits_for_a_worker
 from lathe.lifecycle import RELEASE_LEASE, Actor, move, release_lease
 from lathe.queue import publish_run, publish_validate
 from lathe.parents import advance
@@ -46,7 +50,7 @@ def sweep(settings: Settings, *, stale_after: float | None = None) -> dict[str, 
     stale_after = settings.sweep_stale_after_seconds if stale_after is None else stale_after
     t = time.time()
     done: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": [], "released": [], "republished": [],
-                                  "advanced": []}
+                                  "advanced": [], "unserved": []}
     publish: list[tuple[str, str]] = []
     with session_scope(settings.sqlalchemy_url) as session:
         expired = session.execute(
@@ -85,15 +89,18 @@ def sweep(settings: Settings, *, stale_after: float | None = None) -> dict[str, 
 
     with session_scope(settings.sqlalchemy_url) as session:
         waiting = session.execute(
-            select(Job.id, Job.status, Job.search, Job.ensemble).where(
+            select(Job.id, Job.status, Job.search, Job.ensemble, Job.gpu_class).where(
                 or_(Job.status == JobStatus.QUEUED, Job.status == JobStatus.VALIDATING_FILES),
                 or_(Job.queued_at < t - stale_after,
                     Job.queued_at.is_(None) & (Job.created_at < t - stale_after)),
                 or_(Job.lease_until.is_(None), Job.lease_until < t))
         ).all()
-        for job_id, status, search, ensemble in waiting:
-            if status == JobStatus.QUEUED and (search or (ensemble and ensemble.get("phase") != "combine")):
+        nobody = _unserved(settings, {row.gpu_class for row in waiting if row.gpu_class})
+        for job_id, status, search, ensemble, gpu_class in waiting:
+            if status == JobStatus.QUEUED and not waits_for_a_worker(status, search, ensemble):
                 continue  # a parent between its children: its steps (below) move it, no worker runs it
+            if status == JobStatus.QUEUED and gpu_class in nobody:
+                continue  # no consumer: another copy would only pile up beside the first
             marked = session.execute(
                 update(Job).where(Job.id == job_id, Job.status == status,
                                   or_(Job.lease_until.is_(None), Job.lease_until < t))
@@ -105,6 +112,7 @@ def sweep(settings: Settings, *, stale_after: float | None = None) -> dict[str, 
 
     for kind, job_id in publish:  # after the commits
         (publish_run if kind == "run" else publish_validate)(settings, job_id)
+    done["unserved"] = note_unserved(settings)
     # Searches and ensembles: a step each (one lost with its worker, children a sweep ended, room
     # under a quota).
     with session_scope(settings.sqlalchemy_url) as session:
@@ -117,6 +125,14 @@ def sweep(settings: Settings, *, stale_after: float | None = None) -> dict[str, 
     if any(done.values()):
         log.info("sweep: %s", {k: v for k, v in done.items() if v})
     return done
+
+
+def _unserved(settings: Settings, classes: set[str]) -> set[str]:
+    try:
+        return unserved(settings, classes)
+    except redis.RedisError:  # as before classes existed: publish again
+        log.warning("could not tell which GPU classes are served", exc_info=True)
+        return set()
 
 
 def run_sweeper(settings: Settings, interval: float = 15.0, *, stop: threading.Event | None = None) -> None:

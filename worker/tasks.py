@@ -25,6 +25,7 @@ from lathe.db.session import session_scope
 from lathe.db.tables import TERMINAL, Checkpoint, Job, JobStatus, now
 from lathe.ensemble import boosted_by, check_ensemble, members_of
 from lathe.errors import LatheError
+from lathe.gpu_classes import served
 from lathe.lifecycle import Actor, claim_job, move
 from lathe.model_source import cache_only, resolve_model
 from lathe.queue import publish_advance, publish_run
@@ -130,10 +131,19 @@ def lease_owner() -> str:
 
 
 def claim(settings: Settings, job_id: str) -> int | None:
-    """queued -> running, attempt + 1, a fresh lease; the new attempt, or None if not claimable."""
+    """queued -> running, attempt + 1, a fresh lease; the new attempt, or None if not claimable
+    (not queued, or for a GPU class this worker does not serve: a message on the wrong queue)."""
+    serving = served(settings)
     with session_scope(settings.sqlalchemy_url) as session:
-        return claim_job(session, job_id=job_id, lease_owner=lease_owner(),
-                         lease_until=time.time() + settings.lease_seconds)
+        attempt = claim_job(session, job_id=job_id, lease_owner=lease_owner(),
+                            lease_until=time.time() + settings.lease_seconds, fences=[serving.fence()])
+        if attempt is None:
+            row = session.execute(select(Job.status, Job.gpu_class).where(Job.id == job_id)).first()
+            if row is not None and row.status == JobStatus.QUEUED and not serving.serves(row.gpu_class):
+                # Left queued: the sweeper publishes it again, to its class's queue.
+                log.warning("job %s is for GPU class %s, which this worker does not serve; not claimed",
+                            job_id, row.gpu_class or "default")
+        return attempt
 
 
 # What core.checkpoint.save_checkpoint writes (MODEL_FILE, TRAINING_FILE, STATE_FILE); spelled out

@@ -123,6 +123,10 @@ class Job(Base):
     # OpenAI's `integrations` as the request gave them (experiment trackers the training process
     # logs to); an empty list when none.
     integrations: Mapped[list[Any] | None] = mapped_column(JSON)
+    # Lathe's `resources` (lathe.gpu_classes): the GPU class whose workers alone run the job (its
+    # run messages go to that class's queue) and its GPU count; both null for a job without them.
+    gpu_class: Mapped[str | None] = mapped_column(String(32))
+    gpus: Mapped[int | None] = mapped_column(Integer)
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_status", "status"),

@@ -97,13 +97,13 @@ class Worker:
     """`python -m lathe.cli worker` (Celery worker, thread pool, plus the sweeper thread)."""
 
     def __init__(self, name: str, settings: Settings, log: Path, *, sweep_interval: float,
-                 python_path: tuple[Path, ...] = ()):
+                 python_path: tuple[Path, ...] = (), args: tuple[str, ...] = ()):
         self.name, self.settings, self.log = name, settings, log
         self.env = settings_env(settings)
         # The worker passes its environment on to its training children, so these reach them too.
         self.env["PYTHONPATH"] = os.pathsep.join([*map(str, python_path), self.env["PYTHONPATH"]])
         self.argv = [sys.executable, "-m", "lathe.cli", "worker", "--sweep-interval", str(sweep_interval),
-                     "--concurrency", str(settings.worker_concurrency)]
+                     "--concurrency", str(settings.worker_concurrency), *args]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Worker:
@@ -162,11 +162,12 @@ class Stack:
     # -- processes -----------------------------------------------------------------------------
 
     def worker(self, name: str, *, sweep_interval: float = 0.5, python_path: tuple[Path, ...] = (),
-               ready: bool = True, **overrides: Any) -> Worker:
-        """Start a worker whose settings are the stack's with `overrides` (e.g. worker_concurrency)."""
+               ready: bool = True, args: tuple[str, ...] = (), **overrides: Any) -> Worker:
+        """Start a worker whose settings are the stack's with `overrides` (e.g. worker_concurrency),
+        `lathe worker` given `args` too (e.g. `--gpu-class a100`)."""
         settings = self.settings.model_copy(update=overrides)
         worker = Worker(name, settings, self.tmp / f"worker-{name}.log", sweep_interval=sweep_interval,
-                        python_path=python_path).start()
+                        python_path=python_path, args=args).start()
         self.workers.append(worker)
         return worker.wait_ready() if ready else worker
 

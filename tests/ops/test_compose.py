@@ -19,14 +19,14 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 def test_lathe_env_names_are_settings():
     fields = {f"LATHE_{name.upper()}" for name in Settings.model_fields}
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "worker-a100"):
         env = COMPOSE["services"][name]["environment"]
         unknown = {k for k in env if k.startswith("LATHE_")} - fields
         assert not unknown, f"{name} sets unknown settings {unknown}"
         assert env["LATHE_DATABASE_URL"].startswith("postgresql+psycopg://")
 
 
-@pytest.mark.parametrize("service", ["api", "worker"])
+@pytest.mark.parametrize("service", ["api", "worker", "worker-a100"])
 def test_commands_are_cli_commands(service):
     cmd = COMPOSE["services"][service]["command"]
     assert cmd[0] == "lathe"
@@ -34,6 +34,14 @@ def test_commands_are_cli_commands(service):
     sub = click_cmd.commands[cmd[1]]
     ctx = sub.make_context(cmd[1], list(cmd[2:]))  # raises on an unknown option
     assert ctx.params
+
+
+def test_the_gpu_class_worker_serves_its_class_alone_on_a_gpu():
+    worker = COMPOSE["services"]["worker-a100"]
+    cmd = worker["command"]
+    assert cmd[cmd.index("--gpu-class") + 1] == "a100" and "default" not in cmd
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "data:/data" in worker["volumes"]
 
 
 def test_redis_is_durable_and_never_evicts():
