@@ -4,7 +4,6 @@ job, run before uvicorn starts: the app never changes the schema."""
 
 from __future__ import annotations
 
-import sys
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -79,8 +78,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.publisher = publisher
     app.state.rate_limiter = rate_limiter
     app.state.sse_poll_seconds = 1.0
-    app.state.predict_command = [sys.executable, "-m", "core.predict"]
-    app.state.predict_timeout_seconds = 120.0
     registry, requests, latency = make_registry(factory)
     app.state.metrics_registry = registry
 

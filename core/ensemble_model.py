@@ -82,10 +82,18 @@ def apply_meta(meta: dict[str, Any], member_outputs: list[np.ndarray], *, proble
 class EnsembleModel:
     folder: Path
     description: dict[str, Any]
+    # Member folder -> (processor, model), kept when loaded with keep_members (a prediction process
+    # answering many requests); otherwise each call loads its members one at a time.
+    members: dict[Path, tuple[Any, Any]] | None = None
 
     @classmethod
-    def load(cls, folder: Path) -> EnsembleModel:
-        """Raises ModelError (invalid_model) when the folder is not a readable ensemble."""
+    def load(cls, folder: Path, *, keep_members: bool = False) -> EnsembleModel:
+        """Raises ModelError (invalid_model) when the folder is not a readable ensemble.
+
+        Args:
+            folder: the ensemble's exported folder.
+            keep_members: keep every member model loaded after its first use (memory for speed).
+        """
         folder = Path(folder)
         try:
             description = json.loads((folder / DESCRIPTION).read_text())
@@ -95,7 +103,7 @@ class EnsembleModel:
         if description.get("format") != FORMAT:
             raise ModelError(f"{DESCRIPTION} in {str(folder)!r} is not a Lathe ensemble description.",
                              param="model", code="invalid_model")
-        return cls(folder, description)
+        return cls(folder, description, {} if keep_members else None)
 
     @property
     def labels(self) -> list[str]:
@@ -123,7 +131,12 @@ class EnsembleModel:
 
         task = self.description["task"]
         max_length = max_length or _job(folder).get("spec", {}).get("config", {}).get("max_length")
-        processor, model = load_for_inference(folder, task)
+        if self.members is not None and folder in self.members:
+            processor, model = self.members[folder]
+        else:
+            processor, model = load_for_inference(folder, task)
+            if self.members is not None:
+                self.members[folder] = processor, model
         if self.description["problem_type"] == "regression":
             rows = _classify_texts(model, processor, inputs, top_k=1, max_length=max_length)
             return np.array([[row[0]["value"]] for row in rows])

@@ -1,4 +1,5 @@
-"""Predictions from an exported model, in-process or as a subprocess for the torch-free API.
+"""Predictions from an exported model: in-process (`predict`, or `load` once and `Predictor.predict`
+many times, as a long-lived prediction process does), or as a subprocess.
 
 CLI: `python -m core.predict MODEL_DIR` reads {"inputs": [...], "top_k": N, "max_new_tokens": M} on
 stdin and writes {"predictions": [[{...}, ...], ...]} on stdout (one list per input); on failure
@@ -21,6 +22,7 @@ import binascii
 import io
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ def predict(
     max_length: int | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> list[list[dict[str, Any]]]:
-    """Predictions for each input.
+    """Predictions for each input: `load(model_dir).predict(...)`, the inputs checked first.
 
     Args:
         model_dir: an exported model folder (safetensors weights, lathe_job.json).
@@ -54,26 +56,62 @@ def predict(
         ModelError: the folder is missing or not a loadable safetensors model.
         EngineError: bad inputs (not a list of strings, top_k < 1, undecodable image).
     """
-    if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
-        raise EngineError("inputs must be a list of strings.", param="inputs")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise EngineError("top_k must be a positive integer.", param="top_k")
+    _check(inputs, top_k)
+    return load(model_dir).predict(inputs, top_k=top_k, max_length=max_length, max_new_tokens=max_new_tokens)
+
+
+@dataclass
+class Predictor:
+    """An exported model loaded for predictions (what `load` returns): keep it to answer many
+    requests without loading again. Not thread-safe: one
+    `predict` at a time."""
+
+    task: str
+    processor: Any = None
+    model: Any = None
+    max_length: int | None = None  # the job's config.max_length
+    ensemble: Any = None  # a core.ensemble_model.EnsembleModel keeping its members loaded
+
+    def predict(self, inputs: list[str], *, top_k: int = 1, max_length: int | None = None,
+                max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[dict[str, Any]]]:
+        """As `predict` (same Args, Returns and Raises, less the folder's)."""
+        _check(inputs, top_k)
+        if self.ensemble is not None:
+            return self.ensemble.predict(inputs, top_k=top_k, max_length=max_length)
+        max_length = max_length or self.max_length
+        model, processor = self.model, self.processor
+        if self.task == "token-classification":
+            return _entities(model, processor, inputs, max_length=max_length)
+        if self.task == "causal-lm":
+            return _generate(model, processor, inputs, max_new_tokens=max_new_tokens)
+        if self.task == "image-classification":
+            return _classify_images(model, processor, inputs, top_k=top_k)
+        return _classify_texts(model, processor, inputs, top_k=top_k, max_length=max_length)
+
+
+def load(model_dir: Path) -> Predictor:
+    """An exported folder (one model or an ensemble's) loaded for predictions.
+
+    Raises:
+        ModelError: the folder is missing or not a loadable safetensors model.
+    """
     model_dir = Path(model_dir)
     from core.ensemble_model import EnsembleModel, is_ensemble
 
     if is_ensemble(model_dir):  # several members' folders and how they combine (core.ensemble_model)
-        return EnsembleModel.load(model_dir).predict(inputs, top_k=top_k, max_length=max_length)
+        ensemble = EnsembleModel.load(model_dir, keep_members=True)
+        return Predictor(task=ensemble.description.get("task", "text-classification"), ensemble=ensemble)
     job = _job(model_dir)
     task = job.get("reproducibility", {}).get("task") or job.get("spec", {}).get("task") or "text-classification"
-    max_length = max_length or job.get("spec", {}).get("config", {}).get("max_length")
     processor, model = load_for_inference(model_dir, task)
-    if task == "token-classification":
-        return _entities(model, processor, inputs, max_length=max_length)
-    if task == "causal-lm":
-        return _generate(model, processor, inputs, max_new_tokens=max_new_tokens)
-    if task == "image-classification":
-        return _classify_images(model, processor, inputs, top_k=top_k)
-    return _classify_texts(model, processor, inputs, top_k=top_k, max_length=max_length)
+    return Predictor(task, processor, model, job.get("spec", {}).get("config", {}).get("max_length"))
+
+
+def _check(inputs: Any, top_k: Any) -> None:
+    if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
+        raise EngineError("inputs must be a list of strings.", param="inputs")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise EngineError("top_k must be a positive integer.", param="top_k")
 
 
 def load_for_inference(model_dir: Path, task: str) -> tuple[Any, Any]:

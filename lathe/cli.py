@@ -2,8 +2,9 @@
 
     lathe serve [--host] [--port]   the whole stack on one machine (embedded SQLite + Redis)
     lathe api [--host] [--port]     the API alone (runs migrations first)
-    lathe worker [--gpu-class C]    a Celery worker alone: training slots, a validation pool, the lease sweeper,
-                                    the webhook dispatcher; --gpu-class: the GPU classes whose jobs it trains
+    lathe worker [--gpu-class C]    a Celery worker alone: training slots, a validation pool, the predict
+                                    pool, the lease sweeper, the webhook dispatcher; --gpu-class: the GPU
+                                    classes whose jobs it trains
     lathe migrate                   upgrade the database schema
     lathe keys create --tenant T [--expires-in 30d | --expires-at ISO]   print a new API key (last line)
     lathe keys list / revoke ID / expire ID [--at ISO|now]
@@ -74,7 +75,8 @@ def worker(
     (with --gpu-class, from those classes' queues: lathe.gpu_classes), and the validation pool
     (worker.celery_app.ValidationPool, LATHE_VALIDATE_CONCURRENCY threads) takes `lathe.validate_job`
     from `<LATHE_QUEUE>.validate`, so a busy training slot never holds a file check up; both start and
-    end with the process."""
+    end with the process, as do the LATHE_PREDICT_CONCURRENCY threads answering /predict
+    (worker.predict_pool) from a prediction process started on the first request."""
     from lathe.gpu_classes import served
 
     if gpu_class:  # the setting is what the claim and the heartbeats read

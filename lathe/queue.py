@@ -8,12 +8,16 @@ Two queues: `lathe.run_job` goes to LATHE_QUEUE, whose consumers are the trainin
 (worker.celery_app.ValidationPool), so checking a job's files or starting a search's trials never
 waits for a training slot.
 
+Prediction requests (lathe.predictions) are not Celery messages: the API pushes them as JSON onto
+the Redis list `<LATHE_QUEUE>.predict` (predict_queue), where every worker's predict pool
+(worker.predict_pool) takes them, and reads the answer from a reply key of the request's own.
+
 A job with a GPU class (`resources.gpu`, lathe.gpu_classes) has its `lathe.run_job` messages on
 `<LATHE_QUEUE>.gpu.<class>` instead, consumed by the workers that serve the class: `run_queue`
 decides, and the publisher reads the job's class from its committed row, so no publisher (the
 validator, a retry, the sweeper, a resume, a search's or an ensemble's step) routes it elsewhere.
 
-Messages carry job ids, never payloads; there is no result backend: state lives in SQL. Publishing
+Job messages carry job ids, never payloads; there is no result backend: state lives in SQL. Publishing
 never raises: the job row is already committed when a message goes out, and the sweeper publishes
 again for a job whose message was lost (a broker that was down, a FLUSHALL).
 """
@@ -45,6 +49,11 @@ VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 def validate_queue(settings: Settings) -> str:
     """The queue of the light tasks' messages (LIGHT_TASKS): `<LATHE_QUEUE>.validate`."""
     return f"{settings.queue}.validate"
+
+
+def predict_queue(settings: Settings) -> str:
+    """The Redis list of prediction requests (lathe.predictions): `<LATHE_QUEUE>.predict`."""
+    return f"{settings.queue}.predict"
 
 
 def queue_for(settings: Settings, task_name: str) -> str:

@@ -1,6 +1,6 @@
 """The registry of a tenant's fine-tuned models (the rows a succeeded job exports): list, look up,
 find the archive, delete. Keyword-only functions that the API's routes call; each function
-commits what it changes. Running a prediction is the API's (a subprocess per request).
+commits what it changes. A prediction runs on a worker (lathe.predictions).
 """
 
 from __future__ import annotations

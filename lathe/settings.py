@@ -91,6 +91,14 @@ class Settings(BaseSettings):
         "`wandb sync` uploads later; online sends them to the W&B server of the worker's WANDB_BASE_URL "
         "and WANDB_API_KEY (a self-hosted W&B), keeping the same folders."))
     wandb_dir: Path | None = Field(None, description="Where W&B run folders are written; default data_dir/wandb.")
+    predict_timeout_seconds: float = Field(120.0, gt=0, description=(
+        "How long POST /v1/models/{model}/predict waits for a worker's answer: 503 when no worker took "
+        "the request by then, 504 when one took it and has not answered (a cold start loads the model)."))
+    predict_concurrency: int = Field(2, ge=0, description=(
+        "Prediction requests one worker answers at once (threads taking them from `<queue>.predict`, "
+        "answered by the worker's prediction process); 0: this worker answers none."))
+    predict_cache_models: int = Field(2, ge=1, description=(
+        "Models a worker's prediction process keeps loaded, least recently used dropped first."))
     worker_gpu_classes: str = Field("", description=(
         "The GPU classes a worker serves, comma-separated (`lathe worker --gpu-class` sets it): it consumes "
         "`<queue>.gpu.<class>` for each and claims only jobs whose resources.gpu is one of them; `default` "

@@ -13,7 +13,9 @@ size, so a file check never waits for a training slot and never takes one. Being
 process, it starts, stops (warm shutdown: validations in flight finish) and dies with it.
 
 The worker's standby training processes (`worker.supervisor.standbys`) start when the worker is
-ready and are killed when it shuts down.
+ready and are killed when it shuts down; so do its prediction threads (`worker.predict_pool`:
+LATHE_PREDICT_CONCURRENCY threads on the Redis list `<LATHE_QUEUE>.predict`, answered by a
+prediction process, the one that imports torch, started on the first request and kept).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from kombu import Consumer, Exchange, Message, Queue
 from lathe.gpu_classes import announcer
 from lathe.queue import ADVANCE_TASK, RUN_TASK, VALIDATE_TASK, publisher_for, validate_queue
 from lathe.settings import get_settings
-from worker import tasks
+from worker import predict_pool, tasks
 from worker.supervisor import standbys
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,16 @@ def start_standbys(**_: Any) -> None:
 @worker_shutdown.connect(weak=False)
 def stop_standbys(**_: Any) -> None:
     standbys.close()
+
+
+@worker_ready.connect(weak=False)
+def start_predictions(**_: Any) -> None:
+    predict_pool.start(get_settings())
+
+
+@worker_shutdown.connect(weak=False)
+def stop_predictions(**_: Any) -> None:
+    predict_pool.stop()
 
 
 @app.task(name=VALIDATE_TASK, ignore_result=True)

@@ -1,15 +1,9 @@
 """The tenant's fine-tuned models: list, get, delete, download, quick predictions (the rows are
-lathe.registry's; a prediction runs here, in a subprocess per request)."""
+lathe.registry's; a prediction runs on a worker: lathe.predictions)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
-import os
-from pathlib import Path
-
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -25,12 +19,9 @@ from api.schemas import (
     model_object,
 )
 from lathe import registry
-from lathe.errors import BadRequest, LatheError
+from lathe.predictions import request_predictions
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=V1_ERRORS)
-log = logging.getLogger("lathe.api")
-
-ROOT = Path(__file__).resolve().parents[2]  # the checkout, so `python -m core.predict` resolves
 
 
 @router.get("", response_model=ListPage[ModelObject])
@@ -51,39 +42,14 @@ def model_content(model: str, tenant: TenantDep, session: SessionDep) -> FileRes
 
 
 @router.post("/{model:path}/predict", response_model=PredictResponse, response_model_exclude_none=True,
-             responses=error_responses(404, 504))
-async def predict(model: str, body: PredictRequest, request: Request, tenant: TenantDep,
-                  session: SessionDep) -> PredictResponse:
-    """Run a small batch of inputs through the model (a quick check, not a serving endpoint)."""
+             responses=error_responses(404, 500, 503, 504))
+async def predict(model: str, body: PredictRequest, tenant: TenantDep, session: SessionDep,
+                  settings: SettingsDep) -> PredictResponse:
+    """Run a small batch of inputs through the model on a worker (a quick check, not a serving endpoint)."""
     row = await run_in_threadpool(registry.owned_model, session, tenant_id=tenant.id, model_id=model)
-    state = request.app.state
-    payload = json.dumps(body.model_dump()).encode()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = await asyncio.create_subprocess_exec(
-        *state.predict_command, row.path, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env, cwd=str(ROOT))
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(payload), timeout=state.predict_timeout_seconds)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise LatheError("Prediction timed out.", status_code=504, code="timeout") from None
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    try:
-        result = json.loads(out or b"{}")
-    except json.JSONDecodeError:
-        result = {}
-    if proc.returncode != 0 or "predictions" not in result:
-        error = result.get("error") if isinstance(result, dict) else None
-        if proc.returncode == 1 and isinstance(error, dict) and error.get("message"):
-            raise BadRequest(str(error["message"]), param=error.get("param"), code=error.get("code"))
-        log.error("predict failed (exit %s): %s", proc.returncode, err.decode(errors="replace")[-2000:])
-        raise RuntimeError("prediction process failed")
-    return PredictResponse(data=result["predictions"])
+    data = await request_predictions(settings, model_path=row.path, inputs=body.inputs, top_k=body.top_k,
+                                     max_new_tokens=body.max_new_tokens)
+    return PredictResponse(data=data)
 
 
 @router.get("/{model:path}", response_model=ModelObject, responses=error_responses(404))

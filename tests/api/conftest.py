@@ -5,8 +5,9 @@ app through Starlette's TestClient, which the openai SDK also accepts as its htt
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -22,6 +23,7 @@ from api.main import create_app
 from lathe.settings import Settings
 from tests.databases import scratch_postgres
 from tests.hub_stub import StubHub
+from worker.predict_pool import PredictPool
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 
@@ -118,6 +120,31 @@ def train_file(client, acme) -> str:
     r = upload(client, acme)
     assert r.status_code == 200, r.text
     return r.json()["id"]
+
+
+class StandInPredictor:
+    """Answers prediction requests as a worker's prediction process would, without a model: every
+    input gets `{"label": "pos", "score": 0.9}` (top_k of them at most) unless `respond` is replaced.
+    `calls` holds every request it was handed."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.respond: Callable[[dict[str, Any]], dict[str, Any]] = lambda request: {
+            "predictions": [[{"label": "pos", "score": 0.9}][: request.get("top_k", 1)] for _ in request["inputs"]]}
+
+    def __call__(self, request: dict[str, Any], _left: float) -> dict[str, Any]:
+        self.calls.append(request)
+        return self.respond(request)
+
+
+@pytest.fixture
+def predictor(settings: Settings) -> Iterator[StandInPredictor]:
+    """A worker's predict pool (worker.predict_pool) running in this process on the test's queue,
+    with a stand-in for its prediction process."""
+    stand_in = StandInPredictor()
+    pool = PredictPool(settings, answer_with=stand_in).start()
+    yield stand_in
+    pool.stop()
 
 
 @pytest.fixture(scope="session")

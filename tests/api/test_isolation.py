@@ -14,7 +14,6 @@ a malformed request; and A's objects are unchanged afterwards.
 from __future__ import annotations
 
 import re
-import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,22 +89,10 @@ def _populate(client, settings, headers: dict[str, str], name: str) -> World:
     return World(headers, train, model_file, job, done_job, ft_model, event, checkpoint, archive)
 
 
-FAKE_PREDICT = """
-import json, pathlib, sys
-pathlib.Path(sys.argv[-2]).write_text(sys.argv[-1])
-req = json.load(sys.stdin)
-print(json.dumps({"predictions": [[{"label": "pos", "score": 0.9}] for _ in req["inputs"]]}))
-"""
-
-
 @pytest.fixture
-def worlds(app, client, settings, acme, other, tmp_path):
-    script = tmp_path / "fake_predict.py"
-    script.write_text(FAKE_PREDICT)
-    marker = tmp_path / "predict-ran"
-    # The route appends the model's folder: argv[-2] = the marker file, argv[-1] = the folder.
-    app.state.predict_command = [sys.executable, str(script), str(marker)]
-    return _populate(client, settings, acme, "acme"), _populate(client, settings, other, "other"), marker
+def worlds(client, settings, acme, other, predictor):
+    # predictor: a worker's predict pool in this process; its stand-in records every request it is handed.
+    return _populate(client, settings, acme, "acme"), _populate(client, settings, other, "other"), predictor
 
 
 # --- the matrix ----------------------------------------------------------------------------------
@@ -240,7 +227,7 @@ def _fake(value: str) -> str:
 
 
 def test_stranger_gets_404_everywhere(client, settings, worlds):
-    a, b, marker = worlds
+    a, b, predictor = worlds
     a_ids = a.ids()
     fakes = {i: _fake(i) for i in a_ids}
     requests = _requests(a, b)
@@ -257,7 +244,7 @@ def test_stranger_gets_404_everywhere(client, settings, worlds):
         assert ghost.status_code == 404, what
         assert _swap(r.json(), a_ids, fakes) == ghost.json(), what
         assert "secret of acme" not in r.text
-    assert not marker.exists(), "B's predict call ran A's model"
+    assert not predictor.calls, "B's predict call reached a worker"
     _assert_untouched(client, settings, a)
 
 
@@ -285,7 +272,7 @@ def _owner_order(req: tuple[str, str, dict]) -> tuple[int, int]:
 
 def test_owner_gets_2xx_for_the_same_requests(client, worlds):
     """The positive control: the matrix's requests are well-formed and hit real objects."""
-    a, _b, marker = worlds
+    a, _b, predictor = worlds
     for method, url, kwargs in sorted(_requests(a, a), key=_owner_order):
         if "after" in kwargs.get("params", {}) or "Last-Event-ID" in kwargs.get("headers", {}):
             continue  # a cursor on its own object just pages; covered by the route's own tests
@@ -305,7 +292,7 @@ def test_owner_gets_2xx_for_the_same_requests(client, worlds):
         if method == "POST" and url == JOBS and r.status_code == 200:
             # A new job would pin the files and model it uses; cancel it so the deletes below can run.
             assert client.post(f"{JOBS}/{r.json()['id']}/cancel", headers=a.headers).status_code == 200
-    assert marker.exists()
+    assert [call["model"] for call in predictor.calls] == [str(a.archive.with_suffix(""))]  # A's folder
 
 
 def test_lists_never_mix_tenants(client, worlds):

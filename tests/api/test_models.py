@@ -1,16 +1,17 @@
-"""Fine-tuned models: list, get, download, delete, predict (with a stand-in predictor)."""
+"""Fine-tuned models: list, get, download, delete, predict (through a predict pool running in this
+process, with a stand-in for the worker's prediction process)."""
 
 from __future__ import annotations
 
 import io
-import sys
 import tarfile
-import textwrap
+import time
 
 import pytest
 
 from lathe.db.tables import Job, JobStatus, Model, now
 from lathe.db.session import session_scope
+from lathe.queue import predict_queue
 from tests.api.test_basics import assert_error
 from tests.api.test_jobs import create, set_status
 
@@ -62,36 +63,49 @@ def test_delete_model(client, acme, model_id, settings, train_file):
     assert_error(client.get(f"/v1/models/{model_id}", headers=acme), 404)
 
 
-FAKE_PREDICT = textwrap.dedent("""
-    import json, sys
-    req = json.load(sys.stdin)
-    if req["inputs"][0] == "fail":
-        print(json.dumps({"error": {"code": "invalid_input", "message": "cannot", "param": "inputs"}}))
-        sys.exit(1)
-    if req["inputs"][0] == "crash":
-        raise SystemExit(3)
-    print(json.dumps({"predictions": [[{"label": "pos", "score": 0.9}][: req["top_k"]] for _ in req["inputs"]]}))
-""")
-
-
-def test_predict(app, client, acme, model_id, tmp_path):
-    script = tmp_path / "fake_predict.py"
-    script.write_text(FAKE_PREDICT)
-    app.state.predict_command = [sys.executable, str(script)]
+def test_predict(client, acme, other, model_id, predictor, settings, sdk):
     r = client.post(f"/v1/models/{model_id}/predict", headers=acme, json={"inputs": ["good", "bad"], "top_k": 1})
     assert r.status_code == 200, r.text
     assert r.json() == {"object": "list", "data": [[{"label": "pos", "score": 0.9}]] * 2}
+    [request] = predictor.calls  # what the worker was handed: the model's folder, not its id
+    assert request["model"] == str(settings.models_store / "m1") and request["inputs"] == ["good", "bad"]
+    # README's call through the SDK.
+    assert sdk.post(f"/models/{model_id}/predict", cast_to=object, body={"inputs": ["x"], "top_k": 2}) == {
+        "object": "list", "data": [[{"label": "pos", "score": 0.9}]]}
+    assert_error(client.post(f"/v1/models/{model_id}/predict", headers=other, json={"inputs": ["x"]}), 404,
+                 param="model")
+    assert len(predictor.calls) == 2  # another tenant's model never reaches a worker
+
+    def respond(request):
+        if request["inputs"] == ["fail"]:
+            return {"error": {"code": "invalid_input", "message": "cannot", "param": "inputs"}, "status": 400}
+        if request["inputs"] == ["crash"]:
+            raise RuntimeError("the prediction process died")
+        return {"error": {"code": "internal_error", "message": "secret detail", "param": None}, "status": 500}
+
+    predictor.respond = respond
     assert_error(client.post(f"/v1/models/{model_id}/predict", headers=acme, json={"inputs": ["fail"]}),
                  400, param="inputs", code="invalid_input")
-    assert client.post(f"/v1/models/{model_id}/predict", headers=acme, json={"inputs": ["crash"]}).status_code == 500
+    for inputs in (["crash"], ["other"]):
+        r = client.post(f"/v1/models/{model_id}/predict", headers=acme, json={"inputs": inputs})
+        assert_error(r, 500, code="predict_failed")
+        assert "secret" not in r.text
     assert_error(client.post(f"/v1/models/{model_id}/predict", headers=acme, json={"inputs": ["x"] * 65}), 422,
                  param="inputs")
 
 
-def test_predict_timeout(app, client, acme, model_id, tmp_path):
-    script = tmp_path / "slow.py"
-    script.write_text("import time; time.sleep(30)")
-    app.state.predict_command = [sys.executable, str(script)]
-    app.state.predict_timeout_seconds = 0.5
+def test_predict_without_a_worker_is_503_and_takes_its_request_back(app, client, acme, other, model_id, settings,
+                                                                    redis_client):
+    app.state.settings = settings.model_copy(update={"predict_timeout_seconds": 0.3})
+    assert_error(client.post(f"/v1/models/{model_id}/predict", headers=other, json={"inputs": ["x"]}), 404)
+    assert redis_client.llen(predict_queue(settings)) == 0  # another tenant's model: nothing published
+    r = client.post(f"/v1/models/{model_id}/predict", headers=acme, json={"inputs": ["x"]})
+    assert_error(r, 503, code="predict_unavailable")
+    assert redis_client.llen(predict_queue(settings)) == 0  # nothing left for a worker that starts later
+
+
+def test_predict_timeout(app, client, acme, model_id, predictor, settings):
+    predictor.respond = lambda request: time.sleep(1.5) or {"predictions": [[]]}
+    app.state.settings = settings.model_copy(update={"predict_timeout_seconds": 0.5})
     r = client.post(f"/v1/models/{model_id}/predict", headers=acme, json={"inputs": ["x"]})
     assert_error(r, 504, code="timeout")

@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import shutil
-import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +92,6 @@ class Owned:
         return {self.dataset, self.model_file, self.job, self.done_job, self.ft_model}
 
 
-FAKE_PREDICT = "import json, sys; req = json.load(sys.stdin); print(json.dumps({'predictions': [[] for _ in req['inputs']]}))"
-
-
 def _populate(client, settings: Settings, headers: dict[str, str]) -> Owned:
     """A's dataset, model file, a paused job, a succeeded job and its fine-tuned model (with a .tar)."""
     dataset = upload(client, headers).json()["id"]
@@ -135,10 +131,8 @@ def _reset(settings: Settings) -> None:
 
 
 @pytest.fixture
-def owned(app, client, settings, acme, tmp_path) -> Owned:
-    script = tmp_path / "fake_predict.py"
-    script.write_text(FAKE_PREDICT)
-    app.state.predict_command = [sys.executable, str(script)]  # predict never loads a model here
+def owned(client, settings, acme, predictor) -> Owned:
+    predictor.respond = lambda request: {"predictions": [[] for _ in request["inputs"]]}  # no model is loaded here
     return _populate(client, settings, acme)
 
 
