@@ -48,9 +48,11 @@ class World:
     event: str
     checkpoint: str
     archive: Path
+    webhook: str  # a webhook endpoint
 
     def ids(self) -> set[str]:
-        return {self.train, self.model_file, self.job, self.done_job, self.ft_model, self.event, self.checkpoint}
+        return {self.train, self.model_file, self.job, self.done_job, self.ft_model, self.event, self.checkpoint,
+                self.webhook}
 
 
 def _populate(client, settings, headers: dict[str, str], name: str) -> World:
@@ -86,12 +88,16 @@ def _populate(client, settings, headers: dict[str, str], name: str) -> World:
         s.add(Metric(job_id=job, attempt=0, step=10, split="train", values={"loss": 1.0}, created_at=now()))
         s.add(Model(id=ft_model, tenant_id=done.tenant_id, job_id=done_job, task="text-classification",
                     path=str(folder), archive_path=str(archive), bytes=archive.stat().st_size, created_at=now()))
-    return World(headers, train, model_file, job, done_job, ft_model, event, checkpoint, archive)
+    r = client.post("/v1/webhook_endpoints", headers=headers, json={
+        "name": name, "url": "https://93.184.215.14/hooks", "event_types": ["fine_tuning.job.succeeded"]})
+    assert r.status_code == 200, r.text
+    return World(headers, train, model_file, job, done_job, ft_model, event, checkpoint, archive, r.json()["id"])
 
 
 @pytest.fixture
 def worlds(client, settings, acme, other, predictor):
     # predictor: a worker's predict pool in this process; its stand-in records every request it is handed.
+    settings.webhook_timeout_seconds = 0.5  # the owner's /test of its endpoint (no network here) gives up fast
     return _populate(client, settings, acme, "acme"), _populate(client, settings, other, "other"), predictor
 
 
@@ -104,6 +110,7 @@ PATH_IDS = {  # path parameter -> the target's ids it is tried with
     "file_id": lambda w: [w.train, w.model_file],
     "fine_tuning_job_id": lambda w: [w.job, w.done_job],
     "model": lambda w: [w.ft_model],
+    "webhook_endpoint_id": lambda w: [w.webhook],
 }
 
 
@@ -146,9 +153,21 @@ MATRIX: dict[tuple[str, str], Any] = {
     ("DELETE", "/v1/models/{model:path}"): lambda t, me: [{}],
     ("GET", "/v1/models/{model:path}/content"): lambda t, me: [{}],
     ("POST", "/v1/models/{model:path}/predict"): lambda t, me: [{"json": {"inputs": ["hello"], "top_k": 1}}],
+    ("POST", "/v1/webhook_endpoints"): "own-create",
+    ("GET", "/v1/webhook_endpoints"): lambda t, me: [{"params": {"after": t.webhook}}],
+    ("GET", "/v1/webhook_endpoints/{webhook_endpoint_id}"): lambda t, me: [{}],
+    ("POST", "/v1/webhook_endpoints/{webhook_endpoint_id}"): lambda t, me: [{"json": {"name": "mine now"}}],
+    ("DELETE", "/v1/webhook_endpoints/{webhook_endpoint_id}"): lambda t, me: [{}],
+    ("POST", "/v1/webhook_endpoints/{webhook_endpoint_id}/rotate_secret"): lambda t, me: [
+        {"json": {"keep_old_secret_active_for_24_hours": True}}],
+    ("POST", "/v1/webhook_endpoints/{webhook_endpoint_id}/test"): lambda t, me: [
+        {"json": {"event_type": "fine_tuning.job.succeeded"}}],
+    ("GET", "/v1/webhook_endpoints/{webhook_endpoint_id}/deliveries"): lambda t, me: [{}],
+    ("GET", "/v1/webhook_event_types"): lambda t, me: [],  # the same list for everyone
 }
 LISTS = [("/v1/files", {}), ("/v1/files", {"purpose": "model"}), ("/v1/files", {"purpose": "fine-tune"}),
-         ("/v1/files", {"order": "asc"}), (JOBS, {}), (JOBS, {"metadata[team]": "shared"}), ("/v1/models", {})]
+         ("/v1/files", {"order": "asc"}), (JOBS, {}), (JOBS, {"metadata[team]": "shared"}), ("/v1/models", {}),
+         ("/v1/webhook_endpoints", {})]
 
 
 def _routes(app) -> set[tuple[str, str]]:
@@ -257,6 +276,8 @@ def _assert_untouched(client, settings, w: World) -> None:
     assert client.get(f"{JOBS}/{w.done_job}", headers=h).json()["status"] == "succeeded"
     assert client.get(f"/v1/models/{w.ft_model}", headers=h).status_code == 200
     assert w.archive.is_file()
+    hook = client.get(f"/v1/webhook_endpoints/{w.webhook}", headers=h).json()
+    assert hook["name"] in ("acme", "other") and hook["updated_at"] == hook["created_at"]  # not renamed, not rotated
     assert [e["id"] for e in client.get(f"{JOBS}/{w.job}/events", headers=h).json()["data"]][0] == w.event
 
 
@@ -287,6 +308,8 @@ def test_owner_gets_2xx_for_the_same_requests(client, worlds):
             assert_error(r, 400, param="training_file")  # the owner learns the purpose, a stranger nothing
         elif a.done_job in url and url.endswith(("/cancel", "/pause", "/resume")):
             assert_error(r, 409)  # the owner learns the state, a stranger nothing
+        elif url.endswith(f"/webhook_endpoints/{a.webhook}/test"):
+            assert_error(r, 400, code="webhook_unreachable")  # sent (no network here); a stranger's never is
         else:
             assert 200 <= r.status_code < 300, f"{what} -> {r.status_code} {r.text}"
         if method == "POST" and url == JOBS and r.status_code == 200:
