@@ -53,7 +53,7 @@ ERROR_DESCRIPTIONS = {
     422: "Malformed payload or query parameter (e.g. not a JSON object, a limit out of range).",
     429: "Rate limit or tenant quota reached; `Retry-After` says when to try again.",
     500: "The server failed (nothing of the failure's detail is shown).",
-    503: "The service is unavailable: e.g. no worker takes prediction requests, or the broker is down.",
+    503: "The service is unavailable: e.g. no worker takes predictions or dry runs' counts, or the broker is down.",
     504: "The operation did not finish in time.",
 }
 _ERROR_HEADERS = {

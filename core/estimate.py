@@ -5,11 +5,8 @@ split's examples and tokens as training would see them, and the base model's par
 reader, the base model's tokenizer, max_length truncation, chat templates, rows left without a
 target dropped, packing, DPO pairs, config.train_rows draws) and counts, per example, what the
 engine's `trained_tokens` counts of a batch holding it (non-padding tokens; 0 for images). It
-imports torch (through the adapters), so the torch-free API runs it as a subprocess:
-
-    python -m core.estimate   reads {"model", "task", "files": {param: path}, "specs": [spec, ...]}
-                              on stdin and writes {"parameters": {...} | null, "runs": [...]} (one
-                              run per spec, in order), or {"error": {code, message, param}}, exit 1.
+imports torch (through the adapters), so the torch-free API has a worker's prediction process call
+it (worker.predict_child answers a "count" request with `count_inputs` and `model_parameters`).
 
 `weight_parameters` and `parameter_counts` are torch-free.
 """
@@ -19,12 +16,10 @@ from __future__ import annotations
 import json
 import math
 import struct
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from core.errors import EngineError
 from core.spec import JobSpec, Task
 
 FILE_PARAMS = ("training_file", "validation_file", "test_file")
@@ -77,9 +72,10 @@ def weight_parameters(folder: Path, *, causal_lm: bool) -> dict[str, int] | None
     return parameter_counts(shapes.items(), causal_lm=causal_lm) if shapes else None
 
 
-def model_parameters(model: str, task: Task) -> dict[str, int] | None:
+def model_parameters(model: str, task: Task, *, local_files_only: bool = False) -> dict[str, int] | None:
     """The base model's `parameter_counts`: from a local folder's safetensors headers, else (a hub
-    id) from its config, the model built on the meta device (no weights). None when neither works."""
+    id) from its config (`local_files_only`: the locally cached one, the hub not asked), the model
+    built on the meta device (no weights). None when neither works."""
     causal = task == Task.CAUSAL_LM
     if Path(model).is_dir():
         return weight_parameters(Path(model), causal_lm=causal)
@@ -87,7 +83,7 @@ def model_parameters(model: str, task: Task) -> dict[str, int] | None:
         import torch
         from transformers import AutoConfig, AutoModel
 
-        config = AutoConfig.from_pretrained(model, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(model, trust_remote_code=False, local_files_only=local_files_only)
         with torch.device("meta"):
             built = AutoModel.from_config(config)
     except Exception:  # noqa: BLE001 - a size we cannot tell is left out of the estimate, not an error
@@ -116,8 +112,8 @@ def _example_tokens(adapter: Any, split: Any, task: Task) -> list[int]:
     return [adapter.trained_tokens(adapter.collate(split, [i])) for i in range(len(split))]
 
 
-def count_inputs(model: str, task: Task, files: dict[str, Path | None],
-                 specs: Sequence[JobSpec]) -> list[dict[str, Any]]:
+def count_inputs(model: str, task: Task, files: dict[str, Path | None], specs: Sequence[JobSpec], *,
+                 local_files_only: bool = False) -> list[dict[str, Any]]:
     """Examples and tokens of each split, for each spec (a job, or a search's or ensemble's children:
     specs differing only in their training rows share one encoding).
 
@@ -126,6 +122,8 @@ def count_inputs(model: str, task: Task, files: dict[str, Path | None],
         task: the job's task (already inferred).
         files: request field -> local path (None when not given).
         specs: the specs to count for; each one's config.train_rows draw is applied.
+        local_files_only: load a hub model's tokenizer or processor from the local cache alone,
+            without asking the hub (per call: the process's HF_HUB_OFFLINE is not touched).
 
     Returns:
         Per spec, {param: {"examples", "tokens"}} for each file given; tokens per pass over the rows.
@@ -143,7 +141,7 @@ def count_inputs(model: str, task: Task, files: dict[str, Path | None],
         key = _encoding_key(spec)
         if key not in encoded:
             adapter = adapter_for(task, spec)
-            processor = adapter.load_processor(model)
+            processor = adapter.load_processor(model, local_files_only=local_files_only)
             _, parsed = parse_files(task, files, spec.config)
             data = adapter.prepare_parsed(parsed, processor)
             splits = {"training_file": data.train, "validation_file": data.validation, "test_file": data.test}
@@ -159,21 +157,3 @@ def count_inputs(model: str, task: Task, files: dict[str, Path | None],
         runs.append(run)
     return runs
 
-
-def main() -> int:
-    request = json.loads(sys.stdin.read())
-    try:
-        task = Task(request["task"])
-        specs = [JobSpec.model_validate(s) for s in request["specs"]]
-        files = {p: Path(request["files"][p]) if request["files"].get(p) else None for p in FILE_PARAMS}
-        runs = count_inputs(request["model"], task, files, specs)
-        out: dict[str, Any] = {"parameters": model_parameters(request["model"], task), "runs": runs}
-    except EngineError as e:
-        print(json.dumps({"error": e.to_dict()}))
-        return 1
-    print(json.dumps(out))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

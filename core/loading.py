@@ -50,8 +50,9 @@ def check_model_source(model: str) -> Path | str:
     return model
 
 
-def load_tokenizer(model: str):
-    """The model's own fast tokenizer.
+def load_tokenizer(model: str, *, local_files_only: bool = False):
+    """The model's own fast tokenizer; `local_files_only`: a hub id from the local cache alone (no
+    request to the hub, whatever the process's HF_HUB_OFFLINE).
 
     Raises:
         ModelError: model_not_found / invalid_model (no fast tokenizer, unreadable files).
@@ -60,7 +61,8 @@ def load_tokenizer(model: str):
 
     source = check_model_source(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source), use_fast=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(source), use_fast=True, trust_remote_code=False,
+                                                  local_files_only=local_files_only)
     except OSError as e:
         raise _load_error(model, e) from None
     except (ValueError, KeyError) as e:
@@ -110,15 +112,16 @@ def gguf_source(model: str) -> tuple[Path, str] | None:
     return (path, found[0]) if found else None
 
 
-def load_causal_tokenizer(model: str):
-    """The fast tokenizer of a causal LM: a safetensors folder, a hub id or a GGUF file/folder.
+def load_causal_tokenizer(model: str, *, local_files_only: bool = False):
+    """The fast tokenizer of a causal LM: a safetensors folder, a hub id (`local_files_only`: from the
+    local cache alone) or a GGUF file/folder.
 
     Raises:
         ModelError: model_not_found / invalid_model (as load_tokenizer).
     """
     gguf = gguf_source(model)
     if gguf is None:
-        return load_tokenizer(model)
+        return load_tokenizer(model, local_files_only=local_files_only)
     from transformers import AutoTokenizer
 
     folder, name = gguf

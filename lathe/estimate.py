@@ -9,21 +9,16 @@ draw, all folds but one) and its combine step; a search's trials as its space, d
 (or walked, for the grid sampler), makes them on average, times the trials it will run.
 
 Counting tokens needs the base model's tokenizer and the engine's own encoding (chat templates,
-truncation, packing), which import torch, so the torch-free API runs `python -m core.estimate` in
-a subprocess, as it runs predictions.
+truncation, packing), which import torch: the torch-free API has a worker's prediction process count
+them (a "count" request over lathe.predictions' channel, answered with core.estimate's functions),
+from the files and model folder at the paths resolved here (the shared data folder, LATHE_MODELS_DIR).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import logging
 import math
-import os
 import random
-import subprocess
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,22 +30,15 @@ from core.errors import EngineError
 from core.spec import JobSpec, Task, TrainingConfig
 from core.spec.search import SearchParam
 from lathe.ensemble import check_ensemble, member_spec, plan
-from lathe.errors import BadRequest, LatheError, RateLimited
+from lathe.errors import BadRequest, LatheError
 from lathe.jobs import JobCreate, check_request, stored_spec
-from lathe.model_source import ModelSource, cache_only
+from lathe.model_source import ModelSource
+from lathe.predictions import request_counts
 from lathe.search.space import grid_size, objective_of, space_of, trial_spec, validated_trial
 from lathe.settings import Settings
 from lathe.throughput import FORMULA, Rate, coefficient, job_rate, work_tokens
 from lathe.validation import job_files, judge_files, local_paths
 
-log = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parents[1]  # the checkout, so `python -m core.estimate` resolves
-COUNT_TIMEOUT_SECONDS = 600.0
-# Each count is a process of its own (~400 MB with torch): at most this many at once per API
-# process; another dry run waits up to COUNT_WAIT_SECONDS for its turn, then is a 429.
-COUNTERS = threading.BoundedSemaphore(2)
-COUNT_WAIT_SECONDS = 60.0
 SPACE_SAMPLES = 256  # trials drawn from a search's space to average its trials' steps over
 # Searched, these change a trial's tokens, which are counted at the job's own values.
 ENCODING_KEYS = ("max_length", "packing", "truncation_side", "train_on_inputs")
@@ -63,6 +51,7 @@ def estimate_job(session: Session, settings: Settings, *, tenant_id: str, body: 
         BadRequest / NotFound: as a create, and what validation would fail the job for (a bad file,
             naming the param and line; a field the data makes inapplicable), or what training would
             (no chat template, nothing left within max_length).
+        LatheError: 503 when no worker serves the count, 504 when it takes too long (count_inputs).
     """
     checked = check_request(session, settings, tenant_id=tenant_id, body=body)
     spec, source = checked.spec, checked.source
@@ -271,43 +260,14 @@ def _draw(p: SearchParam, rng: random.Random) -> Any:
 
 def count_inputs(settings: Settings, source: ModelSource, task: Task, paths: dict[str, Path | None],
                  specs: list[JobSpec]) -> dict[str, Any]:
-    """core.estimate's counts, from its subprocess: {"parameters", "runs": one per spec}.
+    """core.estimate's counts, from a worker: {"parameters", "runs": one per spec}. At most
+    LATHE_DRY_RUN_TIMEOUT_SECONDS; how many run at once is the workers' LATHE_PREDICT_CONCURRENCY.
 
     Raises:
         BadRequest: what the encoding refuses (its code, message and param).
-        LatheError: 429 when COUNTERS stay busy; 504 timeout past COUNT_TIMEOUT_SECONDS.
+        LatheError: 503 when no worker takes the count (lathe.predictions), 504 when one took it and
+            did not answer in time, 500 when it failed there.
     """
-    if not COUNTERS.acquire(timeout=COUNT_WAIT_SECONDS):
-        raise RateLimited("Too many dry runs are counting tokens right now; retry shortly.", code="dry_runs_busy",
-                          headers={"Retry-After": "10"})
-    try:
-        return _count(settings, source, task, paths, specs)
-    finally:
-        COUNTERS.release()
-
-
-def _count(settings: Settings, source: ModelSource, task: Task, paths: dict[str, Path | None],
-           specs: list[JobSpec]) -> dict[str, Any]:
-    request = {"model": source.base, "task": str(task), "files": {p: str(v) for p, v in paths.items() if v},
-               "specs": [s.model_dump(mode="json", exclude_unset=True) for s in specs]}  # as stored: re-validates
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    if cache_only(settings, source):
-        env["HF_HUB_OFFLINE"] = "1"
-    try:
-        proc = subprocess.run([sys.executable, "-m", "core.estimate"], input=json.dumps(request), capture_output=True,
-                              text=True, timeout=COUNT_TIMEOUT_SECONDS, cwd=str(ROOT), env=env)
-    except subprocess.TimeoutExpired:
-        raise LatheError(f"Counting the files' tokens took over {COUNT_TIMEOUT_SECONDS:.0f} s.", status_code=504,
-                         code="timeout") from None
-    lines = proc.stdout.strip().splitlines()
-    try:
-        result = json.loads(lines[-1]) if lines else {}
-    except json.JSONDecodeError:
-        result = {}
-    error = result.get("error") if isinstance(result, dict) else None
-    if proc.returncode == 1 and isinstance(error, dict) and error.get("message"):
-        raise BadRequest(str(error["message"]), param=error.get("param"), code=error.get("code"))
-    if proc.returncode != 0 or "runs" not in result:
-        log.error("core.estimate failed (exit %s): %s", proc.returncode, proc.stderr[-2000:])
-        raise RuntimeError("counting the files' tokens failed")
-    return result
+    stored = [s.model_dump(mode="json", exclude_unset=True) for s in specs]  # as stored: the worker validates them
+    return request_counts(settings, model=source.base, hub=source.kind == "hub", task=str(task),
+                          files={p: str(v) for p, v in paths.items() if v}, specs=stored)

@@ -8,9 +8,10 @@ Two queues: `lathe.run_job` goes to LATHE_QUEUE, whose consumers are the trainin
 (worker.celery_app.ValidationPool), so checking a job's files or starting a search's trials never
 waits for a training slot.
 
-Prediction requests (lathe.predictions) are not Celery messages: the API pushes them as JSON onto
-the Redis list `<LATHE_QUEUE>.predict` (predict_queue), where every worker's predict pool
-(worker.predict_pool) takes them, and reads the answer from a reply key of the request's own.
+Prediction requests and dry runs' token counts (lathe.predictions) are not Celery messages: the API
+pushes them as JSON onto the Redis list `<LATHE_QUEUE>.predict` (predict_queue), where every
+worker's predict pool (worker.predict_pool) takes them, and reads the answer from a reply key of the
+request's own.
 
 A job with a GPU class (`resources.gpu`, lathe.gpu_classes) has its `lathe.run_job` messages on
 `<LATHE_QUEUE>.gpu.<class>` instead, consumed by the workers that serve the class: `run_queue`

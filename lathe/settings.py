@@ -93,10 +93,15 @@ class Settings(BaseSettings):
     wandb_dir: Path | None = Field(None, description="Where W&B run folders are written; default data_dir/wandb.")
     predict_timeout_seconds: float = Field(120.0, gt=0, description=(
         "How long POST /v1/models/{model}/predict waits for a worker's answer: 503 when no worker took "
-        "the request by then, 504 when one took it and has not answered (a cold start loads the model)."))
+        "the request by then, 504 when one took it and has not answered (a cold start loads the model). "
+        "Also how long a dry run waits for a worker to take its token count."))
+    dry_run_timeout_seconds: float = Field(600.0, gt=0, description=(
+        "How long a dry run (`\"dry_run\": true` on a create) waits for a worker to count its files' tokens: "
+        "503 when no worker took the count within predict_timeout_seconds, 504 when one took it and has "
+        "not answered by then."))
     predict_concurrency: int = Field(2, ge=0, description=(
-        "Prediction requests one worker answers at once (threads taking them from `<queue>.predict`, "
-        "answered by the worker's prediction process); 0: this worker answers none."))
+        "Prediction requests and dry runs' token counts one worker answers at once (threads taking them "
+        "from `<queue>.predict`, answered by the worker's prediction process); 0: this worker answers none."))
     predict_cache_models: int = Field(2, ge=1, description=(
         "Models a worker's prediction process keeps loaded, least recently used dropped first."))
     worker_gpu_classes: str = Field("", description=(

@@ -1,12 +1,19 @@
 """A worker's prediction process: `python -m worker.predict_child PARENT_PID CACHE_MODELS THREADS`,
-started and kept by worker.predict_pool (the one part of prediction that imports torch).
+started and kept by worker.predict_pool (the one part of the worker's requests that imports torch).
 
-Reads requests from stdin, a JSON object a line ({"id", "model": an exported folder, "inputs",
-"top_k", "max_new_tokens"}), and answers each with a line on the stdout it was started with:
-{"id", "predictions", "loaded": whether this request loaded the model, "seconds"}, or {"id",
-"error": {message, param, code}, "status": 400 for bad inputs or an unloadable model, else 500}.
-Its sys.stdout goes to stderr (the worker's log), so nothing a library prints can break a line. Up
-to THREADS requests run at once.
+Reads requests from stdin, a JSON object a line, of two kinds (lathe.predictions):
+- a prediction ({"id", "kind": "predict" or absent, "model": an exported folder, "inputs", "top_k",
+  "max_new_tokens"}), answered {"id", "predictions", "loaded": whether this request loaded the
+  model, "seconds"};
+- a dry run's count ({"id", "kind": "count", "model": the base model's folder or hub id, "task",
+  "files": {param: path}, "specs", "offline": a hub model from the local cache alone}), answered
+  {"id", "parameters", "runs", "seconds"} by core.estimate's `count_inputs` and `model_parameters`,
+  called here (the files are read at the paths the API resolved: the shared data folder);
+or {"id", "error": {message, param, code}, "status": 400 for what the engine refuses (bad inputs, an
+unloadable model, a file training would refuse), else 500}, each a line on the stdout it was started
+with. Its sys.stdout goes to stderr (the worker's log), so nothing a library prints can break a
+line. Up to THREADS requests run at once; nothing here touches the process's environment (a count's
+`offline` goes to the loaders as local_files_only).
 
 Models stay loaded in a least-recently-used cache of CACHE_MODELS (`ModelCache`), loaded and run
 by core.predict's own `load` and `Predictor.predict`, which `python -m core.predict` runs too: the
@@ -86,23 +93,45 @@ def _key(folder: Path) -> tuple:
 
 
 def answer(cache: ModelCache, request: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
+    """The answer to one request of either kind (see the module's docstring); never raises."""
     from core.errors import EngineError
 
     started = time.perf_counter()
     try:
-        with cache.use(Path(request["model"])) as (predictor, loaded), torch.inference_mode():
-            predictions = predictor.predict(request["inputs"], top_k=request.get("top_k", 1),
-                                            max_new_tokens=request.get("max_new_tokens", 64))
-    except EngineError as e:  # bad inputs, a folder that is missing or not a loadable model
+        reply = count(request) if request.get("kind") == "count" else predict(cache, request)
+    except EngineError as e:  # bad inputs, a folder that is missing or not a loadable model, a refused file
         return {"id": request.get("id"), "error": e.to_dict(), "status": 400}
     except Exception as e:  # noqa: BLE001 - the worker answers 500; the trace goes to its log
         traceback.print_exc()
         return {"id": request.get("id"), "error": {"message": str(e), "param": None, "code": "internal_error"},
                 "status": 500}
-    return {"id": request.get("id"), "predictions": predictions, "loaded": loaded,
-            "seconds": round(time.perf_counter() - started, 4)}
+    return {"id": request.get("id"), **reply, "seconds": round(time.perf_counter() - started, 4)}
+
+
+def predict(cache: ModelCache, request: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    with cache.use(Path(request["model"])) as (predictor, loaded), torch.inference_mode():
+        predictions = predictor.predict(request["inputs"], top_k=request.get("top_k", 1),
+                                        max_new_tokens=request.get("max_new_tokens", 64))
+    return {"predictions": predictions, "loaded": loaded}
+
+
+def count(request: dict[str, Any]) -> dict[str, Any]:
+    """A dry run's counts: {"parameters", "runs": one per spec} (lathe.estimate reads them).
+
+    Raises:
+        EngineError: what training would refuse while encoding (a 400 for the API).
+    """
+    from core.estimate import FILE_PARAMS, count_inputs, model_parameters
+    from core.spec import JobSpec, Task
+
+    task = Task(request["task"])
+    specs = [JobSpec.model_validate(s) for s in request["specs"]]  # as stored: validated again, as a worker does
+    files = {p: Path(request["files"][p]) if request["files"].get(p) else None for p in FILE_PARAMS}
+    offline = bool(request.get("offline"))
+    runs = count_inputs(request["model"], task, files, specs, local_files_only=offline)
+    return {"parameters": model_parameters(request["model"], task, local_files_only=offline), "runs": runs}
 
 
 def _watch_parent(parent: int) -> None:
@@ -137,9 +166,15 @@ def main(argv: list[str]) -> int:
         except ValueError:
             return
         reply = answer(cache, request)
-        state = "loaded" if reply.get("loaded") else "cached" if "predictions" in reply else "failed"
-        print(f"predict {request.get('model')}: {len(request.get('inputs') or [])} inputs, {state}, "
-              f"{reply.get('seconds', 0) * 1000:.0f} ms; {cache.loads} loads so far", file=sys.stderr, flush=True)
+        ms = reply.get("seconds", 0) * 1000
+        if request.get("kind") == "count":
+            state = "failed" if "error" in reply else "counted"
+            print(f"count {request.get('model')}: {len(request.get('files') or {})} files, "
+                  f"{len(request.get('specs') or [])} specs, {state}, {ms:.0f} ms", file=sys.stderr, flush=True)
+        else:
+            state = "loaded" if reply.get("loaded") else "cached" if "predictions" in reply else "failed"
+            print(f"predict {request.get('model')}: {len(request.get('inputs') or [])} inputs, {state}, "
+                  f"{ms:.0f} ms; {cache.loads} loads so far", file=sys.stderr, flush=True)
         with write:
             answers.write(json.dumps(reply) + "\n")
             answers.flush()

@@ -1,7 +1,10 @@
-"""A worker's share of the predictions (the protocol is lathe.predictions'): LATHE_PREDICT_CONCURRENCY
-threads each take one request at a time from `<LATHE_QUEUE>.predict` (BRPOP), so a request waits in
-Redis, where any worker with a free thread takes it, rather than behind a busy one; the worker's
-prediction process answers it, and the thread pushes the answer to the request's reply key.
+"""A worker's share of the predictions and of the dry runs' token counts (the protocol is
+lathe.predictions'): LATHE_PREDICT_CONCURRENCY threads each take one request at a time from
+`<LATHE_QUEUE>.predict` (BRPOP), so a request waits in Redis, where any worker with a free thread
+takes it, rather than behind a busy one; the worker's prediction process answers it, and the thread
+pushes the answer to the request's reply key. For a count of a hub model the thread decides whether
+this worker loads it from its local cache alone (lathe.model_source.cache_only: cached here and the
+hub not answering, as the worker decides for a training run) and says so in the request's `offline`.
 
 Torch-free, like the rest of the worker process: the prediction process (`python -m
 worker.predict_child`), which imports torch and keeps the last-used models loaded, is started on the
@@ -30,15 +33,20 @@ from typing import Any
 
 import redis
 
-from lathe.predictions import answer
+from lathe.model_source import ModelSource, cache_only
+from lathe.predictions import answer, kind_of
 from lathe.queue import predict_queue
 from lathe.settings import Settings
 from worker.supervisor import REPO_ROOT, settings_env
 
 log = logging.getLogger(__name__)
 
-# (request, seconds left) -> the answer: {"predictions": ...} or {"error": {...}, "status": 400|500}.
+# (request, seconds left) -> the answer: {"predictions"} or {"parameters", "runs"} (by the request's
+# kind), or {"error": {...}, "status": 400|500}.
 Answerer = Callable[[dict[str, Any], float], dict[str, Any]]
+# The fields each kind of request must have, and their types.
+FIELDS = {"predict": (("model", str), ("inputs", list)),
+          "count": (("model", str), ("task", str), ("files", dict), ("specs", list))}
 
 
 def failure(message: str) -> dict[str, Any]:
@@ -76,8 +84,7 @@ class PredictProcess:
             child.sent += 1
             number = child.sent
             child.pending[number] = future
-        line = {"id": number, "model": request["model"], "inputs": request["inputs"],
-                "top_k": request.get("top_k", 1), "max_new_tokens": request.get("max_new_tokens", 64)}
+        line = {**{k: v for k, v in request.items() if k not in ("reply_to", "deadline")}, "id": number}
         try:
             with child.writing:  # a line at a time; a large one may wait for the process to read it
                 child.proc.stdin.write(json.dumps(line).encode() + b"\n")
@@ -144,7 +151,7 @@ class PredictProcess:
 
 
 class PredictPool:
-    """The threads taking prediction requests; `answer_with` stands in for the prediction process."""
+    """The threads taking requests (predictions, counts); `answer_with` stands in for the prediction process."""
 
     def __init__(self, settings: Settings, answer_with: Answerer | None = None):
         self.settings = settings
@@ -183,29 +190,35 @@ class PredictPool:
         try:
             request = json.loads(raw)
             left = float(request["deadline"]) - time.time()
-            if not all(isinstance(request.get(k), t) for k, t in (("reply_to", str), ("model", str), ("inputs", list))):
+            kind = kind_of(request)
+            if not all(isinstance(request.get(k), t) for k, t in (("reply_to", str), *FIELDS[kind])):
                 raise ValueError("missing fields")
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, AttributeError):
             log.error("predict pool: dropping a request that is not one: %r", raw[:200])
             return
         if left <= 0:
-            log.info("predict %s: dropped, its requester stopped waiting %.1f s ago", request.get("id"), -left)
+            log.info("%s %s: dropped, its requester stopped waiting %.1f s ago", kind, request.get("id"), -left)
             return
         started = time.monotonic()
         try:
+            if kind == "count":
+                request["offline"] = bool(request.get("hub")) and cache_only(self.settings,
+                                                                             ModelSource("hub", request["model"]))
             reply = self.answer_with(request, left)
         except TimeoutError:
-            log.warning("predict %s: no answer within the %.1f s its requester waits", request.get("id"), left)
+            log.warning("%s %s: no answer within the %.1f s its requester waits", kind, request.get("id"), left)
             return
         except Exception:  # noqa: BLE001 - the requester gets a 500, not a timeout
-            log.exception("predict %s failed", request.get("id"))
-            reply = failure("the prediction failed")
-        log.info("predict %s on %s: %d inputs, %.0f ms%s", request.get("id"), request["model"], len(request["inputs"]),
+            log.exception("%s %s failed", kind, request.get("id"))
+            reply = failure(f"the {kind} request failed")
+        what = (f"{len(request['inputs'])} inputs" if kind == "predict" else
+                f"{len(request['files'])} files, {len(request['specs'])} specs")
+        log.info("%s %s on %s: %s, %.0f ms%s", kind, request.get("id"), request["model"], what,
                  1000 * (time.monotonic() - started), " (model loaded)" if reply.get("loaded") else "")
         try:
             answer(self.client, request, reply)
         except redis.RedisError:
-            log.exception("predict %s: could not push the answer", request.get("id"))
+            log.exception("%s %s: could not push the answer", kind, request.get("id"))
 
     def stop(self) -> None:
         """Take no more requests, let those in flight be answered, then let the process go."""

@@ -22,7 +22,7 @@ JOB_CREATE_BODY = {"x-lathe-body": "JobCreate"}
 
 
 @router.post("", response_model=FineTuningJob | JobEstimate, openapi_extra=JOB_CREATE_BODY,
-             responses=error_responses(404, 409, 504))
+             responses=error_responses(404, 409, 503, 504))
 def create_job(
     request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
     payload: Annotated[dict[str, Any], Body()],

@@ -120,8 +120,9 @@ class TaskAdapter:
         """Validation metric name -> whether larger is better (config.metric_for_best_model must be one)."""
         raise NotImplementedError
 
-    def load_processor(self, source: str) -> Any:
-        """The tokenizer or image processor of the base model (a local folder or hub id).
+    def load_processor(self, source: str, *, local_files_only: bool = False) -> Any:
+        """The tokenizer or image processor of the base model (a local folder or hub id;
+        `local_files_only`: a hub id from the local cache alone, without asking the hub).
 
         Raises:
             ModelError: not found / not loadable safely.

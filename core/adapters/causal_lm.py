@@ -50,8 +50,8 @@ class CausalLM(TaskAdapter):
     def metrics(self) -> dict[str, bool]:
         return CAUSAL_LM_METRICS
 
-    def load_processor(self, source: str) -> Any:
-        return load_causal_tokenizer(source)
+    def load_processor(self, source: str, *, local_files_only: bool = False) -> Any:
+        return load_causal_tokenizer(source, local_files_only=local_files_only)
 
     def prepare_parsed(self, parsed: dict[str, ParsedFile], processor: Any) -> TaskData:
         """Encode every split; pack the training split when config.packing.

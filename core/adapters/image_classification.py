@@ -61,7 +61,7 @@ class ImageClassification(TaskAdapter):
 
     # --- data ------------------------------------------------------------------------------
 
-    def load_processor(self, source: str) -> Any:
+    def load_processor(self, source: str, *, local_files_only: bool = False) -> Any:
         """The model's AutoImageProcessor (Pillow backend), or a default one when the folder has
         none: resize to a square of config.image_size (else the model config's image_size, else
         224) and normalise with the ImageNet mean/std. config.image_size overrides the size.
@@ -79,7 +79,8 @@ class ImageClassification(TaskAdapter):
         try:
             # Pillow is always there for image jobs; the torchvision backend would resize slightly
             # differently depending on what a machine has installed.
-            processor = AutoImageProcessor.from_pretrained(str(location), backend="pil", trust_remote_code=False)
+            processor = AutoImageProcessor.from_pretrained(str(location), backend="pil", trust_remote_code=False,
+                                                           local_files_only=local_files_only)
         except OSError as e:
             code = "invalid_model" if isinstance(location, Path) else "model_not_found"
             raise ModelError(f"Cannot load the image processor of {source!r}: {e}", param="model", code=code) from None

@@ -54,8 +54,8 @@ class TextClassification(TaskAdapter):
             return REGRESSION_METRICS
         return LABEL_METRICS
 
-    def load_processor(self, source: str) -> Any:
-        tokenizer = load_tokenizer(source)
+    def load_processor(self, source: str, *, local_files_only: bool = False) -> Any:
+        tokenizer = load_tokenizer(source, local_files_only=local_files_only)
         self.pad_token_id = tokenizer.pad_token_id
         self.special_ids = set(tokenizer.all_special_ids)
         self.vocab_size = len(tokenizer)

@@ -60,13 +60,13 @@ class TokenClassification(TaskAdapter):
 
     # --- data ------------------------------------------------------------------------------
 
-    def load_processor(self, source: str) -> Any:
+    def load_processor(self, source: str, *, local_files_only: bool = False) -> Any:
         """The fast tokenizer, set up for pre-split words (word_ids() needs a fast one).
 
         Raises:
             ModelError: as core.loading.load_tokenizer (no fast tokenizer included).
         """
-        tokenizer = load_tokenizer(source)
+        tokenizer = load_tokenizer(source, local_files_only=local_files_only)
         prefix_space_for_words(tokenizer)
         return tokenizer
 

@@ -147,6 +147,21 @@ def predictor(settings: Settings) -> Iterator[StandInPredictor]:
     pool.stop()
 
 
+@pytest.fixture
+def engine_worker(settings: Settings) -> Iterator[list[dict[str, Any]]]:
+    """A worker's predict pool running in this process on the test's queue, its requests answered
+    by worker.predict_child.answer, the function the worker's prediction process answers with (here
+    in this process, which has torch): a dry run's counts are the engine's. Yields the requests."""
+    from core.predict import load
+    from worker.predict_child import ModelCache, answer
+
+    cache, seen = ModelCache(1, load), []
+    pool = PredictPool(settings, answer_with=lambda request, _left: seen.append(request) or answer(cache, request))
+    pool.start()
+    yield seen
+    pool.stop()
+
+
 @pytest.fixture(scope="session")
 def stub_hub() -> Iterator[StubHub]:
     hub = StubHub()

@@ -1,23 +1,31 @@
 """`"dry_run": true` on a create: the request and its files checked as a create and validation check
-them, an estimate answered (examples and tokens counted with the base model's tokenizer, "auto"
-resolved, steps, tokens, a duration), and nothing stored, published or consumed; searches and
-ensembles estimated whole; a measured basis once a comparable job of the tenant has finished."""
+them, an estimate answered (examples and tokens counted with the base model's tokenizer by a worker,
+"auto" resolved, steps, tokens, a duration), and nothing stored, published or consumed; searches and
+ensembles estimated whole; a measured basis once a comparable job of the tenant has finished. The
+counting is a request on the workers' channel (lathe.predictions), answered here by `engine_worker`:
+a predict pool in this process answering with the prediction process's own function; with no worker
+serving, a dry run is a 503."""
 
 from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from core.ensemble import train_rows
 from lathe.db.session import session_scope
 from lathe.db.tables import File, Job, JobStatus, new_id, now
+from lathe.queue import predict_queue
 from lathe.throughput import FORMULA_FLOPS_PER_SECOND, STARTUP_SECONDS
+from api.main import create_app
 from tests.api.conftest import upload
 from tests.api.test_basics import assert_error
 from tests.api.test_jobs import JOBS, create, queued_messages
+from tests.tiny_causal import chat_rows, save_tiny_llama, write_jsonl
 from tests.tiny_models import save_tiny_bert, sentiment_rows
 
 ROWS = sentiment_rows(40, seed=3)
@@ -61,15 +69,21 @@ def dry_run(client, headers, **body):
 
 def sqlite_only(db_url: str) -> None:
     if not db_url.startswith("sqlite"):
-        pytest.skip("the counting subprocess reads no database; the postgres runs of the other tests cover the reads")
+        pytest.skip("the worker's counting reads no database; the postgres runs of the other tests cover the reads")
 
 
 def test_a_dry_run_counts_resolves_and_matches_the_job_training_then_runs(
-        client, acme, model, files, settings, tiny_bert_dir, tmp_path, db_url):
+        client, acme, model, files, settings, tiny_bert_dir, tmp_path, db_url, engine_worker):
     sqlite_only(db_url)
     r = dry_run(client, acme, model=model, **files, seed=11)
     assert r.status_code == 200, r.text
     est = r.json()
+    # Counted by a worker, from the model folder and the stored files at the paths the API resolved.
+    [request] = engine_worker
+    assert request["kind"] == "count" and request["model"] == str(settings.models_dir / model)
+    assert request["hub"] is False and request["offline"] is False
+    with session_scope(settings.sqlalchemy_url) as s:
+        assert request["files"] == {p: s.get(File, files[p]).path for p in files}
     tokens = token_counts(tiny_bert_dir, ROWS)
     assert est["object"] == "fine_tuning.job.estimate" and est["task"] == "text-classification"
     assert est["training_file"] == {"id": files["training_file"], "rows": 40, "examples": 40, "tokens": sum(tokens)}
@@ -127,7 +141,8 @@ def test_a_bad_file_is_the_400_validation_would_fail_the_job_with(client, acme, 
         assert real.status_code in (400, 404) and (dry.status_code, dry.json()) == (real.status_code, real.json())
 
 
-def test_a_dry_run_stores_publishes_and_consumes_nothing(client, sdk, acme, model, files, settings, redis_client):
+def test_a_dry_run_stores_publishes_and_consumes_nothing(client, sdk, acme, model, files, settings, redis_client,
+                                                        engine_worker):
     estimate = sdk.fine_tuning.jobs.create(model=model, training_file=files["training_file"],
                                            extra_headers={"Idempotency-Key": "k1"}, extra_body={"dry_run": True})
     # The SDK types the answer as a job; the estimate's fields are its attributes.
@@ -144,7 +159,7 @@ def test_a_dry_run_stores_publishes_and_consumes_nothing(client, sdk, acme, mode
     assert len(queued_messages(redis_client, settings)) == 1
 
 
-def test_a_search_is_estimated_as_all_its_trials(client, acme, model, files, tiny_bert_dir, db_url):
+def test_a_search_is_estimated_as_all_its_trials(client, acme, model, files, tiny_bert_dir, db_url, engine_worker):
     sqlite_only(db_url)
     space = {"hyperparameters.n_epochs": {"type": "categorical", "choices": [1, 2]},
              "hyperparameters.batch_size": {"type": "categorical", "choices": [8, 16]}}
@@ -163,7 +178,8 @@ def test_a_search_is_estimated_as_all_its_trials(client, acme, model, files, tin
     assert est["estimated_duration_seconds"] >= 4 * STARTUP_SECONDS
 
 
-def test_an_ensemble_is_estimated_as_its_members_and_combine(client, acme, model, files, tiny_bert_dir, db_url):
+def test_an_ensemble_is_estimated_as_its_members_and_combine(client, acme, model, files, tiny_bert_dir, db_url,
+                                                             engine_worker):
     sqlite_only(db_url)
     r = dry_run(client, acme, model=model, **files, seed=5,
                 config={"metric_for_best_model": "f1_macro", "ensemble": {"method": "bagging", "members": 3}})
@@ -198,7 +214,8 @@ def finished_job(settings, tenant: str, *, model: str, tokens: int, seconds: flo
                   finished_at=start + round(STARTUP_SECONDS + seconds), **values))
 
 
-def test_the_duration_is_measured_once_a_comparable_job_has_finished(client, acme, model, files, settings):
+def test_the_duration_is_measured_once_a_comparable_job_has_finished(client, acme, model, files, settings,
+                                                                    engine_worker):
     finished_job(settings, "acme", model=model, tokens=50_000, seconds=100)  # 500 tokens/s after start-up
     # Not comparable: another tenant's, a failed one, a retried one, a search's, another model of unknown size.
     finished_job(settings, "other", model=model, tokens=50_000, seconds=1)
@@ -211,3 +228,28 @@ def test_the_duration_is_measured_once_a_comparable_job_has_finished(client, acm
     est = r.json()
     assert est["basis"]["kind"] == "measured" and est["basis"]["jobs"] == 1
     assert est["estimated_duration_seconds"] == round(STARTUP_SECONDS + est["trained_tokens"] / 500)
+
+
+def test_what_the_engine_refuses_while_counting_is_the_workers_400(client, acme, settings, engine_worker, tmp_path):
+    """Rows that max_length leaves without an answer token pass validation and fail the encoding on
+    the worker: its EngineError comes back as the 400 training would fail the job with."""
+    save_tiny_llama(settings.models_dir / "tiny-llama")
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8, seed=1)).read_text()
+    train = upload(client, acme, name="chat.jsonl", content=chat).json()["id"]
+    assert_error(dry_run(client, acme, model="tiny-llama", training_file=train, config={"max_length": 8}), 400,
+                 param="config.max_length")
+    assert [request["kind"] for request in engine_worker] == ["count"]
+    assert dry_run(client, acme, model="tiny-llama", training_file=train).status_code == 200
+
+
+def test_with_no_worker_serving_a_dry_run_is_a_503_and_its_request_is_taken_back(acme, model, files, settings,
+                                                                                 redis_client):
+    quick = settings.model_copy(update={"predict_timeout_seconds": 0.5})
+    with TestClient(create_app(quick), raise_server_exceptions=False) as client:
+        started = time.monotonic()
+        r = dry_run(client, acme, model=model, **files)
+    err = assert_error(r, 503, code="dry_run_unavailable")
+    assert "No worker took the dry run's token count within 0.5 s" in err["message"]
+    assert "LATHE_PREDICT_CONCURRENCY" in err["message"]
+    assert time.monotonic() - started < 10
+    assert redis_client.llen(predict_queue(settings)) == 0  # not left for a worker that comes later

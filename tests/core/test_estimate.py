@@ -60,3 +60,40 @@ def test_parameter_counts_from_headers_equal_the_models(tiny_llama, tmp_path):
     assert counts == {"total": sum(p.numel() for p in bert.parameters()),
                       "compute": sum(p.numel() for p in bert.parameters()) - lookups}
     assert weight_parameters(tmp_path, causal_lm=False) is None  # no weights
+
+
+def test_local_files_only_counts_a_cached_hub_model_without_asking_the_hub(tmp_path, monkeypatch):
+    """A worker counting for a hub model the hub cannot deliver now loads it from its local cache,
+    per call (local_files_only), not by setting HF_HUB_OFFLINE in a process that serves others too."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    from tests.hub_stub import StubHub
+
+    folder = save_tiny_bert(tmp_path / "bert")
+    cached = tmp_path / "hf-cache" / "models--org--tiny-bert"
+    (cached / "refs").mkdir(parents=True)
+    (cached / "refs" / "main").write_text("0123abcd")
+    shutil.copytree(folder, cached / "snapshots" / "0123abcd")
+    stub = StubHub()  # a hub that answers every request with an empty 200: asking it breaks the load
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(hub, "ENDPOINT", stub.url)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    # huggingface_hub's user-agent telemetry fetches a registry of its own (once a day); not a load.
+    monkeypatch.setattr(hub, "HF_HUB_DISABLE_TELEMETRY", True)
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\ngreat movie,pos\nawful film,neg\nloved it,pos\nhated it,neg\n")
+    spec = JobSpec.model_validate({"model": "org/tiny-bert", "training_file": "f", "task": "text-classification"})
+    try:
+        counted = count_inputs("org/tiny-bert", Task.TEXT_CLASSIFICATION, {"training_file": train}, [spec],
+                               local_files_only=True)
+        params = model_parameters("org/tiny-bert", Task.TEXT_CLASSIFICATION, local_files_only=True)
+        assert stub.requests == []
+        assert counted == count_inputs(str(folder), Task.TEXT_CLASSIFICATION, {"training_file": train}, [spec])
+        assert params == weight_parameters(folder, causal_lm=False)
+        # The same calls without it ask the hub (which is why a worker passes it when the hub is away).
+        model_parameters("org/tiny-bert", Task.TEXT_CLASSIFICATION)
+        assert stub.requests
+    finally:
+        stub.close()

@@ -1,7 +1,8 @@
-"""/predict with real processes (tests/e2e/crash_harness.py): the HTTP API (uvicorn) and a `lathe
-worker` on a redis-server of the test's own. The request goes through Redis to the worker, whose
-prediction process loads the model once and answers as core.predict does; neither the API nor the
-worker process has torch loaded, only the prediction process."""
+"""/predict and a dry run with real processes (tests/e2e/crash_harness.py): the HTTP API (uvicorn)
+and a `lathe worker` on a redis-server of the test's own. Each request goes through Redis to the
+worker, whose prediction process loads the model once and answers as core.predict does, and counts
+a dry run's tokens as core.estimate does; neither the API nor the worker process has torch loaded,
+only the prediction process."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import time
 import psutil
 import pytest
 
+from core.estimate import count_inputs
 from core.predict import predict
+from core.spec import JobSpec, Task
 from lathe.db.session import session_scope
 from lathe.db.tables import JobStatus, Model, now
 from lathe.keys import authenticate
@@ -30,7 +33,7 @@ def _torch_loaded(proc: psutil.Process) -> bool:
     return any("libtorch" in m.path for m in proc.memory_maps())
 
 
-def test_predict_runs_on_a_worker_which_keeps_the_model_loaded(stack: Stack):
+def test_predict_and_dry_runs_run_on_a_worker_which_keeps_the_model_loaded(stack: Stack):
     api = stack.api()
     worker = stack.worker("a")
     folder = save_tiny_bert(stack.settings.models_store / "tiny-classifier", num_labels=2)
@@ -59,7 +62,20 @@ def test_predict_runs_on_a_worker_which_keeps_the_model_loaded(stack: Stack):
                      timeout=10, what="the prediction process's log lines", explain=lambda: worker.text()[-3000:])
     assert lines == ["loaded", "cached", "cached"], worker.text()[-3000:]
 
-    # torch lives in the prediction process only.
+    # A dry run: its files' tokens counted by the same prediction process, the API only asking.
+    csv = "text,label\n" + "".join(f"{t} {i},{i % 2}\n" for i, t in enumerate(TEXTS * 5))
+    train = api.post("/files", files={"file": ("train.csv", csv.encode())}, data={"purpose": "fine-tune"}).json()["id"]
+    r = api.post("/fine_tuning/jobs", json={"model": "tiny-bert", "training_file": train, "dry_run": True}, timeout=120)
+    assert r.status_code == 200, r.text + "\n" + stack.explain()
+    (stack.tmp / "train.csv").write_text(csv)
+    spec = JobSpec.model_validate({"model": "tiny-bert", "training_file": train, "task": "text-classification"})
+    [counted] = count_inputs(str(stack.settings.models_dir / "tiny-bert"), Task.TEXT_CLASSIFICATION,
+                             {"training_file": stack.tmp / "train.csv"}, [spec])
+    assert r.json()["training_file"] == {"id": train, "rows": 10, **counted["training_file"]}
+    wait_for(lambda: re.search(r"count \S+tiny-bert: 1 files, 1 specs, counted", worker.text()), timeout=10,
+             what="the count in the worker's log", explain=lambda: worker.text()[-3000:])
+
+    # torch lives in the prediction process only: the API answered a dry run without it.
     process = psutil.Process(worker.proc.pid)
     [child] = [p for p in process.children() if "worker.predict_child" in " ".join(p.cmdline())]
     assert _torch_loaded(child) and not _torch_loaded(process)

@@ -57,7 +57,8 @@ def test_compose_builds_an_api_image_and_a_worker_image():
 
 def test_the_api_serves_without_the_engine_packages(tmp_path):
     """The API's routes (uploads of a dataset and of a model archive, a job's create and reads, the
-    models, /predict's tenant check) run in a process where no engine package can be imported."""
+    models, /predict's tenant check, a dry run up to the workers' queue) run in a process where no
+    engine package can be imported."""
     import numpy as np
 
     from tests.api.test_archives import CONFIG, make_zip
@@ -105,6 +106,10 @@ def test_the_api_serves_without_the_engine_packages(tmp_path):
             assert ok(client.get("/v1/models", headers=headers))["data"] == []
             r = client.post("/v1/models/ft:x:y:z:ftjob-1/predict", headers=headers, json={{"inputs": ["x"]}})
             assert r.status_code == 404, r.text
+            # A dry run is checked here and counted by a worker: with none serving, a 503, not an ImportError.
+            r = client.post("/v1/fine_tuning/jobs", headers=headers,
+                            json={{"model": model, "training_file": train, "dry_run": True}})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "dry_run_unavailable", r.text
         loaded = [m for m in BLOCKED if m in sys.modules]
         assert not loaded, loaded
         print("served without the engine")

@@ -1,8 +1,9 @@
 """A worker's prediction process (worker.predict_child, driven by worker.predict_pool.PredictProcess)
 on tiny BERT classifiers built on the spot: its answers are core.predict's to the last digit, a model
 is loaded once and kept (least recently used dropped first), two requests for one model load it
-once, a bad folder or input is a 400, and a killed process is replaced. And the pool's threads against a real
-Redis, with a stand-in for the process."""
+once, a bad folder or input is a 400, and a killed process is replaced; a dry run's count request is
+answered with core.estimate's counts. And the pool's threads against a real Redis, with a stand-in
+for the process (a count of a cached hub model marked offline when the hub is away)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import redis
 
 from core.predict import predict
 from lathe.errors import BadRequest
-from lathe.predictions import PredictTimeout, PredictUnavailable, make_request, request_predictions
+from lathe.predictions import (WorkerTimeout, WorkerUnavailable, ask_worker, count_request, prediction_request,
+                               request_predictions)
 from lathe.queue import predict_queue
 from lathe.settings import Settings
 from tests.tiny_models import save_tiny_bert
@@ -103,6 +105,29 @@ def test_two_requests_for_a_model_load_it_once(process, classifiers):
     assert replies[0]["predictions"] == replies[1]["predictions"]
 
 
+def test_a_count_request_is_answered_with_core_estimates_counts(process, classifiers, tmp_path):
+    """A dry run's count (lathe.predictions' "count" kind), answered by the same process as the
+    predictions: core.estimate's own figures; what the engine refuses is a 400, and the process stays."""
+    from core.estimate import count_inputs, model_parameters
+    from core.spec import JobSpec, Task
+
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "".join(f"{t} {i},{i % 2}\n" for i, t in enumerate(TEXTS * 4)))
+    spec = {"model": "m", "training_file": "f", "task": "text-classification"}
+    specs = [spec, {**spec, "seed": 3, "config": {"train_rows": {"method": "subsample", "fraction": 0.5}}}]
+    request = {"kind": "count", "model": str(classifiers[0]), "task": "text-classification",
+               "files": {"training_file": str(train)}, "specs": specs, "offline": False}
+    reply = process.ask(request, 120)
+    expected = count_inputs(str(classifiers[0]), Task.TEXT_CLASSIFICATION, {"training_file": train},
+                            [JobSpec.model_validate(s) for s in specs])
+    assert reply["runs"] == expected
+    assert [run["training_file"]["examples"] for run in reply["runs"]] == [12, 6]
+    assert reply["parameters"] == model_parameters(str(classifiers[0]), Task.TEXT_CLASSIFICATION)
+    missing = process.ask({**request, "model": str(tmp_path / "nope")}, 120)
+    assert missing["status"] == 400 and missing["error"]["code"] == "model_not_found"
+    assert ask(process, classifiers[0])["predictions"]
+
+
 def test_a_killed_process_is_replaced(process, classifiers):
     assert ask(process, classifiers[0])["loaded"] is True
     pid = process.pid
@@ -175,8 +200,9 @@ def test_pool_answers_through_redis_and_maps_errors(settings):
 
 def test_no_pool_is_a_503_and_the_request_is_taken_back(settings):
     quick = settings.model_copy(update={"predict_timeout_seconds": 0.3})
-    with pytest.raises(PredictUnavailable):
+    with pytest.raises(WorkerUnavailable) as e:
         asyncio.run(request_predictions(quick, model_path="/m", inputs=["x"]))
+    assert e.value.code == "predict_unavailable"
     assert redis.Redis.from_url(REDIS_URL).llen(predict_queue(settings)) == 0
 
 
@@ -184,7 +210,7 @@ def test_a_taken_request_unanswered_in_time_is_a_504(settings):
     quick = settings.model_copy(update={"predict_timeout_seconds": 0.5})
     pool = PredictPool(quick, answer_with=lambda request, left: time.sleep(left + 0.5) or {"predictions": []}).start()
     try:
-        with pytest.raises(PredictTimeout):
+        with pytest.raises(WorkerTimeout):
             asyncio.run(request_predictions(quick, model_path="/m", inputs=["x"]))
     finally:
         pool.stop()
@@ -193,7 +219,8 @@ def test_a_taken_request_unanswered_in_time_is_a_504(settings):
 def test_pool_drops_a_request_whose_requester_stopped_waiting(settings):
     calls = []
     client = redis.Redis.from_url(REDIS_URL)
-    stale = make_request(settings.model_copy(update={"predict_timeout_seconds": 0.01}), model_path="/m", inputs=["x"])
+    stale = prediction_request(settings.model_copy(update={"predict_timeout_seconds": 0.01}), model_path="/m",
+                               inputs=["x"])
     time.sleep(0.05)
     client.lpush(predict_queue(settings), json.dumps(stale), "not json")
     pool = PredictPool(settings, answer_with=lambda request, left: calls.append(request) or {"predictions": []}).start()
@@ -205,3 +232,72 @@ def test_pool_drops_a_request_whose_requester_stopped_waiting(settings):
     finally:
         pool.stop()
     assert calls == [] and client.llen(stale["reply_to"]) == 0
+
+
+def test_pool_answers_counts_and_requests_sent_before_kinds(settings, tmp_path, monkeypatch):
+    """A count request goes to the same answerer, `offline` set by the worker: a hub model in this
+    worker's cache while the hub does not answer (as it decides for a training run); a prediction
+    request without a `kind` (as the first APIs sent them) is still a prediction."""
+    from lathe.model_source import forget_hub_answers
+    from tests.hub_stub import ClosedPort, StubHub, as_hf_endpoint
+
+    cached = tmp_path / "hf-cache" / "models--org--cached"
+    (cached / "refs").mkdir(parents=True)
+    (cached / "refs" / "main").write_text("0123abcd")
+    (cached / "snapshots" / "0123abcd").mkdir(parents=True)
+    (cached / "snapshots" / "0123abcd" / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    seen = []
+
+    def stand_in(request: dict, left: float) -> dict:
+        seen.append(request)
+        return {"runs": [], "parameters": None} if request.get("kind") == "count" else {"predictions": [[]]}
+
+    def count(model: str, hub: bool) -> dict:
+        return ask_worker(settings, count_request(settings, model=model, hub=hub, task="text-classification",
+                                                  files={}, specs=[]))
+
+    pool = PredictPool(settings, answer_with=stand_in).start()
+    forget_hub_answers()
+    try:
+        with as_hf_endpoint(monkeypatch, ClosedPort()):
+            for model, hub in (("org/cached", True), ("org/elsewhere", True), (str(tmp_path), False)):
+                assert count(model, hub) == {"runs": [], "parameters": None}
+        forget_hub_answers()
+        with as_hf_endpoint(monkeypatch, StubHub()):
+            count("org/cached", True)  # the hub answers: a normal load (it may have a newer revision)
+        old = prediction_request(settings, model_path="/m", inputs=["x"])
+        del old["kind"]
+        client = redis.Redis.from_url(REDIS_URL)
+        client.lpush(predict_queue(settings), json.dumps(old))
+        assert json.loads(client.blpop([old["reply_to"]], timeout=10)[1]) == {"predictions": [[]]}
+        client.close()
+    finally:
+        pool.stop()
+        forget_hub_answers()
+    assert [r.get("offline") for r in seen] == [True, False, False, False, None]
+
+
+def test_a_taken_count_has_the_dry_run_timeout_not_the_predict_one(settings):
+    """A worker must take a request within LATHE_PREDICT_TIMEOUT_SECONDS; once taken, a count has the
+    rest of LATHE_DRY_RUN_TIMEOUT_SECONDS (tokenizing a large file takes longer than a prediction)."""
+    quick = settings.model_copy(update={"predict_timeout_seconds": 0.3, "dry_run_timeout_seconds": 3})
+
+    def slow(request: dict, left: float) -> dict:  # counts for as many seconds as its "model" says
+        time.sleep(min(left + 0.5, float(request["model"])))
+        return {"runs": [], "parameters": None}
+
+    def count(seconds: float) -> dict:
+        return ask_worker(quick, count_request(quick, model=str(seconds), hub=False, task="text-classification",
+                                               files={}, specs=[]))
+
+    pool = PredictPool(quick, answer_with=slow).start()
+    try:
+        started = time.monotonic()
+        assert count(1.0) == {"runs": [], "parameters": None}  # past the 0.3 s a worker has to take it
+        with pytest.raises(WorkerTimeout) as e:
+            count(10)
+        assert "LATHE_DRY_RUN_TIMEOUT_SECONDS" in e.value.message and time.monotonic() - started < 8
+    finally:
+        pool.stop()
