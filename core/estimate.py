@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from core.errors import ModelError
+from core.loading import gguf_source
 from core.spec import JobSpec, Task
 
 FILE_PARAMS = ("training_file", "validation_file", "test_file")
@@ -72,11 +74,39 @@ def weight_parameters(folder: Path, *, causal_lm: bool) -> dict[str, int] | None
     return parameter_counts(shapes.items(), causal_lm=causal_lm) if shapes else None
 
 
+# GGUF's tensor names (llama.cpp's) for the token table and the output layer, as parameter_counts knows them.
+GGUF_NAMES = {"token_embd": "embed_tokens", "output": "lm_head", "position_embd": "position_embeddings",
+              "token_types": "token_type_embeddings"}
+
+
+def gguf_parameters(path: Path, *, causal_lm: bool) -> dict[str, int] | None:
+    """`parameter_counts` of a .gguf file from its tensor index (memory-mapped, nothing dequantized):
+    each tensor's logical element count, whatever its quantization; None when it does not read."""
+    try:
+        from gguf import GGUFReader
+
+        tensors = GGUFReader(path).tensors
+    except Exception:  # noqa: BLE001 - a size we cannot tell is left out of the estimate, not an error
+        return None
+    named = []
+    for t in tensors:
+        first, _, rest = t.name.partition(".")
+        named.append((".".join(filter(None, [GGUF_NAMES.get(first, first), rest])), (int(t.n_elements),)))
+    return parameter_counts(named, causal_lm=causal_lm) if named else None
+
+
 def model_parameters(model: str, task: Task, *, local_files_only: bool = False) -> dict[str, int] | None:
-    """The base model's `parameter_counts`: from a local folder's safetensors headers, else (a hub
+    """The base model's `parameter_counts`: from a local folder's safetensors headers (or its GGUF
+    file's tensor index), else (a hub
     id) from its config (`local_files_only`: the locally cached one, the hub not asked), the model
     built on the meta device (no weights). None when neither works."""
     causal = task == Task.CAUSAL_LM
+    try:
+        gguf = gguf_source(model) if model.lower().endswith(".gguf") or Path(model).is_dir() else None
+    except ModelError:  # several .gguf files, or a missing one: the run will say so; no size here
+        return None
+    if gguf is not None:  # an uploaded GGUF model (a folder holding one .gguf), or the file itself
+        return gguf_parameters(gguf[0] / gguf[1], causal_lm=causal)
     if Path(model).is_dir():
         return weight_parameters(Path(model), causal_lm=causal)
     try:

@@ -124,12 +124,16 @@ def job_rate(session: Session, *, tenant_id: str, model: str, compute_params: in
     if not chosen:
         return None
     flops = statistics.median(r[0] for r in chosen)
+    speed = (f"{flops / 1e9:.3g} GFLOP/s" if compute_params else
+             f"{flops:.3g} weighted tokens/s (the model's size is unknown: a token counts 6, 4 with LoRA, "
+             "less with frozen layers)")
     return Rate(flops, {
-        "kind": "measured", "flops_per_second": flops, "startup_seconds": STARTUP_SECONDS, "jobs": len(chosen),
+        "kind": "measured", "flops_per_second": flops if compute_params else None, "startup_seconds": STARTUP_SECONDS,
+        "jobs": len(chosen),
         "description": (f"The median training speed of your {len(chosen)} most recent succeeded job(s) on {match} "
-                        f"on this server: {flops / 1e9:.3g} GFLOP/s after {STARTUP_SECONDS:g} s of start-up and "
-                        "export, with "
-                        "FLOPs = 6 x compute parameters x trained tokens (4 with LoRA, less with frozen layers).")},
+                        f"on this server: {speed} after {STARTUP_SECONDS:g} s of start-up and export"
+                        + (", with FLOPs = 6 x compute parameters x trained tokens (4 with LoRA, less with "
+                           "frozen layers)." if compute_params else "."))},
         measured=True)
 
 

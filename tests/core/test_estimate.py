@@ -97,3 +97,32 @@ def test_local_files_only_counts_a_cached_hub_model_without_asking_the_hub(tmp_p
         assert stub.requests
     finally:
         stub.close()
+
+
+def _gguf(path, tensors: dict[str, tuple[int, ...]]):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    for name, shape in tensors.items():
+        writer.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_parameter_counts_of_a_gguf_model_from_its_tensor_index(tmp_path):
+    folder = tmp_path / "uploaded"  # an uploaded purpose=model archive holding one .gguf
+    folder.mkdir()
+    layers = {"token_embd.weight": (16, 8), "blk.0.attn_q.weight": (8, 8), "output_norm.weight": (8,)}
+    _gguf(folder / "m.Q8_0.gguf", layers)
+    tied = model_parameters(str(folder), Task.CAUSAL_LM)
+    assert tied == {"total": 200, "compute": 200}  # the table out as a lookup, back in as the tied output
+    assert model_parameters(str(folder / "m.Q8_0.gguf"), Task.CAUSAL_LM) == tied
+    (folder / "m.Q8_0.gguf").unlink()
+    _gguf(folder / "m.gguf", {**layers, "output.weight": (16, 8)})
+    assert model_parameters(str(folder), Task.CAUSAL_LM) == {"total": 328, "compute": 200}
+    _gguf(folder / "other.gguf", layers)
+    assert model_parameters(str(folder), Task.CAUSAL_LM) is None  # two files: which one is unknown
