@@ -180,10 +180,14 @@ async def test_endpoint(webhook_endpoint_id: str, body: TestRequest, tenant: Ten
 
 @router.get(PREFIX + "/{webhook_endpoint_id}/deliveries", response_model=ListPage[Delivery],
             responses=error_responses(404))
-def list_deliveries(webhook_endpoint_id: str, tenant: TenantDep, session: SessionDep,
-                    limit: Annotated[int, Query(ge=1, le=100)] = 20) -> ListPage[Delivery]:
+def list_deliveries(
+    webhook_endpoint_id: str, tenant: TenantDep, session: SessionDep,
+    after: Annotated[str | None, Query(description="A delivery id: list those created before it.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> ListPage[Delivery]:
     """Lathe: the endpoint's delivery log, newest first: status, attempts, status codes, last error."""
-    rows = service.deliveries(session, tenant_id=tenant.id, endpoint_id=webhook_endpoint_id, limit=limit + 1)
+    rows = service.deliveries(session, tenant_id=tenant.id, endpoint_id=webhook_endpoint_id, after=after,
+                              limit=limit + 1)
     data = [Delivery(**d) for d in rows[:limit]]
     return ListPage(data=data, has_more=len(rows) > limit, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
 

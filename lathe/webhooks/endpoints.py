@@ -124,14 +124,25 @@ def send_test(session: Session, settings: Settings, *, tenant_id: str, endpoint_
                 timeout=settings.webhook_timeout_seconds, allow_private=settings.webhook_allow_private)
 
 
-def deliveries(session: Session, *, tenant_id: str, endpoint_id: str, limit: int, attempts_per_delivery: int = 20
-               ) -> list[dict[str, Any]]:
-    """The endpoint's delivery log, newest first: each delivery with its event and its attempts."""
+def deliveries(session: Session, *, tenant_id: str, endpoint_id: str, after: str | None, limit: int,
+               attempts_per_delivery: int = 20) -> list[dict[str, Any]]:
+    """The endpoint's delivery log, newest first, past delivery `after`: each delivery with its
+    event and its attempts.
+
+    Raises:
+        NotFound: no such endpoint of the tenant's, or `after` is not one of its deliveries.
+    """
     owned_endpoint(session, tenant_id=tenant_id, endpoint_id=endpoint_id)
-    rows = session.execute(
-        select(WebhookDelivery, WebhookEvent).join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
-        .where(WebhookDelivery.endpoint_id == endpoint_id)
-        .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc()).limit(limit)).all()
+    stmt = (select(WebhookDelivery, WebhookEvent).join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
+            .where(WebhookDelivery.endpoint_id == endpoint_id))
+    if after:
+        cursor = session.scalar(select(WebhookDelivery).where(WebhookDelivery.id == after,
+                                                              WebhookDelivery.endpoint_id == endpoint_id))
+        if cursor is None:
+            raise NotFound(f"No delivery {after!r} of this endpoint.", param="after")
+        stmt = stmt.where(tuple_(WebhookDelivery.created_at, WebhookDelivery.id) < tuple_(cursor.created_at, cursor.id))
+    rows = session.execute(stmt.order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc())
+                           .limit(limit)).all()
     ids = [d.id for d, _ in rows]
     log: dict[str, list[WebhookAttempt]] = {i: [] for i in ids}
     for a in session.scalars(select(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(ids))

@@ -259,3 +259,25 @@ def test_old_events_no_longer_being_delivered_are_pruned_with_their_logs(url, se
         assert prune(s, older_than=time.time() + 60) == 1  # the pending one stays
     assert [d.status for d in deliveries_of(url, endpoint.id)] == ["pending"]
     assert attempts_of(url, done.id) == []
+
+
+def test_the_delivery_log_pages_newest_first(url):
+    from lathe.errors import NotFound
+    from lathe.webhooks.endpoints import deliveries
+
+    tenant_id, endpoint = tenant_with_endpoint(url, "http://127.0.0.1:9/x")
+    jobs = [running_job(url, tenant_id) for _ in range(3)]
+    for job_id in jobs:
+        finish(url, job_id)
+    with session_scope(url) as s:
+        everything = deliveries(s, tenant_id=tenant_id, endpoint_id=endpoint.id, after=None, limit=10)
+        first = deliveries(s, tenant_id=tenant_id, endpoint_id=endpoint.id, after=None, limit=2)
+        rest = deliveries(s, tenant_id=tenant_id, endpoint_id=endpoint.id, after=first[-1]["id"], limit=2)
+        assert [d["id"] for d in first + rest] == [d["id"] for d in everything] and len(everything) == 3
+        assert {d["job_id"] for d in everything} == set(jobs)
+        assert all(d["status"] == "pending" and d["attempt_log"] == [] for d in everything)
+        other_tenant, other = tenant_with_endpoint(url, "http://127.0.0.1:9/y")
+        with pytest.raises(NotFound):  # a cursor from another endpoint
+            deliveries(s, tenant_id=other_tenant, endpoint_id=other.id, after=first[0]["id"], limit=2)
+        with pytest.raises(NotFound):  # another tenant's endpoint
+            deliveries(s, tenant_id=other_tenant, endpoint_id=endpoint.id, after=None, limit=2)
