@@ -32,9 +32,11 @@ def test_endpoints_through_the_sdk(private_ok, sdk, client, other):
     assert got.created_at == got.updated_at == created.created_at
 
     second = sdk.webhooks.create(name="two", url="http://127.0.0.1:9/b", event_types=ALL)
-    page = sdk.webhooks.list(limit=1)
-    assert [e.id for e in page.data] == [second.id] and page.has_more
-    assert {e.id for e in sdk.webhooks.list()} == {created.id, second.id}  # the SDK pages through `after`
+    page = sdk.webhooks.list(limit=1)  # newest first; two made in the same second go by id
+    assert len(page.data) == 1 and page.has_more
+    rest = sdk.webhooks.list(limit=1, after=page.data[0].id)
+    assert {page.data[0].id, *(e.id for e in rest.data)} == {created.id, second.id} and not rest.has_more
+    assert {e.id for e in sdk.webhooks.list(limit=1)} == {created.id, second.id}  # auto-paging follows `after`
 
     unchanged = sdk.webhooks.update(created.id, name="ci")
     assert unchanged.updated_at == got.updated_at  # an unchanged update does not advance it
