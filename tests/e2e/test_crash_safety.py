@@ -106,6 +106,9 @@ def test_killed_worker_and_child_resume_on_another_worker_like_an_uninterrupted_
     assert uninterrupted.metrics["latest"]["loss"] < 0.5, uninterrupted.metrics  # it learned: a real comparison
     gap = assert_metrics_close(done.metrics, uninterrupted.metrics, tol=1e-5)
     assert done.trained_tokens == uninterrupted.trained_tokens
+    # The task returns after the job is recorded succeeded (it packs the download archive after that).
+    wait_for(lambda: "'succeeded'" in [r for _, r in b.returned()], timeout=60, what="worker b's run_job to return",
+             explain=lambda: b.text()[-3000:])
     assert [r for _, r in b.returned()].count("'succeeded'") == 1
     print(f"\nkill/resume: killed after checkpoint step {last_step}, resumed at step {step}, "
           f"recovered in {time.monotonic() - killed_at:.1f}s; largest metric gap vs the twin {gap:.2e}; "
