@@ -6,6 +6,9 @@ delivery leaves it to the next worker, which sends it again with the same id."""
 
 from __future__ import annotations
 
+import time
+
+import openai
 import pytest
 from openai import OpenAI
 
@@ -39,6 +42,17 @@ def create_job(client: OpenAI, train: str) -> str:
         extra_body={"task": "text-classification", "config": {"device": "cpu", "max_length": 16}}).id
 
 
+def cancel(client: OpenAI, job_id: str) -> None:
+    """Cancel as a client should: a 409 "changed state meanwhile" (validation moved it) is retried."""
+    for _ in range(20):
+        try:
+            client.fine_tuning.jobs.cancel(job_id)
+            return
+        except openai.ConflictError:
+            time.sleep(0.2)
+    raise AssertionError(f"could not cancel {job_id}")
+
+
 def delivery_rows(stack: Stack) -> list[WebhookDelivery]:
     with session_scope(stack.settings.sqlalchemy_url) as s:
         return list(s.query(WebhookDelivery).order_by(WebhookDelivery.created_at))
@@ -53,7 +67,7 @@ def test_a_receiver_that_fails_at_first_gets_every_event_verified_and_naming_its
         stack.wait_status(succeeded)
         receiver.wait(3, timeout=60)  # two 500s, then the 200
         cancelled = create_job(client, train)
-        client.fine_tuning.jobs.cancel(cancelled)
+        cancel(client, cancelled)
         requests = receiver.wait(4, timeout=60)
     events = [client.webhooks.unwrap(r.body, r.headers, secret=endpoint.signing_secret) for r in requests]
     assert [(e.type, e.data.id) for e in events[:3]] == [("fine_tuning.job.succeeded", succeeded)] * 3
@@ -72,7 +86,7 @@ def test_a_worker_killed_mid_delivery_leaves_it_to_the_next_with_the_same_id(sta
         endpoint = client.webhooks.create(name="ci", url=receiver.url, event_types=EVENTS)
         first = stack.worker("a")
         job_id = create_job(client, train)
-        client.fine_tuning.jobs.cancel(job_id)  # the status change and its event, committed by the API
+        cancel(client, job_id)  # the status change and its event, committed by the API
         (held,) = receiver.wait(1, timeout=30)
         first.kill()  # SIGKILL: the attempt is never recorded
         (delivery,) = delivery_rows(stack)
